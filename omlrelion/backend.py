@@ -1,0 +1,117 @@
+"""Array backends and devices: the only module that imports CuPy.
+
+The data decide the backend: library functions call `get_xp(*arrays)` and never read a global.
+Only `pipeline/` (and tests) decide where data live, through `Device`. A list of N host Devices
+stands in for N GPUs so multi-device code runs, and is tested, without a GPU.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+try:  # CPU-only installs run everything on NumPy
+    import cupy as cp
+except Exception:  # ImportError, or a CuPy without a usable CUDA runtime
+    cp = None
+
+REAL = np.float32
+COMPLEX = np.complex64
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+def get_xp(*arrays):
+    """numpy or cupy, decided by the arrays passed in."""
+    if cp is None:
+        return np
+    return cp.get_array_module(*arrays)
+
+
+def is_gpu_array(a) -> bool:
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def to_numpy(a):
+    """A host copy (or the array itself when it already lives on the host)."""
+    return cp.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
+
+
+def gpu_count() -> int:
+    if cp is None:
+        return 0
+    try:
+        return int(cp.cuda.runtime.getDeviceCount())
+    except Exception:  # no driver or no device
+        return 0
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where arrays live: gpu=None is the host; N host Devices stand in for N GPUs."""
+
+    gpu: int | None = None
+
+    @property
+    def xp(self):
+        return np if self.gpu is None else cp
+
+    @property
+    def name(self) -> str:
+        if self.gpu is None:
+            return "cpu"
+        props = cp.cuda.runtime.getDeviceProperties(self.gpu)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def use(self):
+        """`with dev.use():` makes this device current (no-op on the host)."""
+        return nullcontext() if self.gpu is None else cp.cuda.Device(self.gpu)
+
+    def put(self, a):
+        """Copy `a` onto this device (no copy when it is already there)."""
+        if self.gpu is None:
+            return to_numpy(a)
+        with self.use():
+            return cp.asarray(a)
+
+    def synchronize(self) -> None:
+        if self.gpu is not None:
+            with self.use():
+                cp.cuda.Device(self.gpu).synchronize()
+
+
+def parse_device(spec: str) -> list[Device]:
+    """'cpu', 'cpu:4' (four simulated host devices), 'gpu' (GPU 0), 'gpu:0,1', 'gpu:all'."""
+    from omlrelion.errors import InputError
+
+    spec = spec.strip().lower()
+    kind, _, rest = spec.partition(":")
+    if kind == "cpu":
+        n = int(rest) if rest else 1
+        if not rest.isdigit() and rest:
+            raise InputError(f"--device {spec!r}: expected cpu or cpu:N with N a positive integer")
+        if n < 1:
+            raise InputError(f"--device {spec!r}: the number of simulated devices must be >= 1")
+        return [Device()] * n
+    if kind == "gpu":
+        available = gpu_count()
+        if available == 0:
+            raise InputError(f"--device {spec!r}: no CUDA GPU is visible (is CuPy installed?); use --device cpu")
+        if rest in ("", "0") and not rest:
+            ids = [0]
+        elif rest == "all":
+            ids = list(range(available))
+        else:
+            try:
+                ids = [int(t) for t in rest.split(",") if t != ""]
+            except ValueError:
+                raise InputError(f"--device {spec!r}: expected gpu, gpu:all or gpu:ID[,ID...]") from None
+        bad = [i for i in ids if not 0 <= i < available]
+        if bad or not ids or len(set(ids)) != len(ids):
+            raise InputError(
+                f"--device {spec!r}: GPU ids must be distinct and in 0..{available - 1} ({available} visible)")
+        return [Device(i) for i in ids]
+    raise InputError(f"--device {spec!r}: expected cpu, cpu:N, gpu, gpu:all or gpu:ID[,ID...]")
