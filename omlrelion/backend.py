@@ -115,3 +115,20 @@ def parse_device(spec: str) -> list[Device]:
                 f"--device {spec!r}: GPU ids must be distinct and in 0..{available - 1} ({available} visible)")
         return [Device(i) for i in ids]
     raise InputError(f"--device {spec!r}: expected cpu, cpu:N, gpu, gpu:all or gpu:ID[,ID...]")
+
+
+def memory_report(device: Device) -> dict:
+    """Memory in use on `device`, in bytes.
+
+    GPU: `pool_bytes` is the CuPy pool's size (it keeps freed blocks, so it is the high-water
+    mark of what CuPy held) and `driver_used_bytes` the driver's total minus free. Host: the
+    process's peak resident set size.
+    """
+    if device.gpu is None:
+        import resource
+
+        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    with device.use():
+        free, total = cp.cuda.runtime.memGetInfo()
+        return {"pool_bytes": int(cp.get_default_memory_pool().total_bytes()),
+                "driver_used_bytes": int(total - free), "total_bytes": int(total)}

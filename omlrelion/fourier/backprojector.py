@@ -3,11 +3,13 @@
 Data and weight accumulate in projector-centred layout (see `fourier.layout`) on the grid of
 `geometry.grids.PaddedGrid`. For every image pixel at padded position p (`fourier.interp`):
 
-* skip the x = 0 pixel of negative-y rows, pixels with |p|^2 > R^2 and pixels with weight <= 0;
+* skip the x = 0 pixel of negative-y rows, pixels with weight <= 0 and pixels outside the sphere
+  |p|^2 = pad^2 (x^2 + y^2) > R^2 (tested on the exact integer pixel radius: RELION's test on the
+  rotated position decides the pixels lying exactly on the sphere, |p| = R, by rounding noise);
 * trilinear (default): fold p_x < 0 to -p (conjugating the value), then distribute value and weight
   over the 8 neighbours with the trilinear fractions;
-* nearest neighbour (`nn=True`, used only where |p| >= pad * r_min_nn): round p (halves away from
-  zero), fold, add to one voxel.
+* nearest neighbour (`nn=True`, used only where |p| >= round(pad * r_min_nn)): round p (halves
+  away from zero), fold, add to one voxel.
 
 One function, two implementations: NumPy (vectorised, any float dtype, the reference) and CuPy (a
 CUDA kernel with atomic adds, float32 or float64). Both add in place into the accumulators.
@@ -19,6 +21,7 @@ import numpy as np
 
 from omlrelion.backend import cp, get_xp, is_gpu_array
 from omlrelion.fourier.interp import image_pixel_xy, slice_positions
+from omlrelion.units import relion_round
 
 
 def insert_slices(data_ftc, weight_ftc, images_ft, weights_ft, rotations, *, pad: float,
@@ -48,14 +51,17 @@ def _insert_numpy(data, weight, images_ft, weights_ft, rotations, pad, r_padded,
     m, n, nh = images_ft.shape
     size, half = data.shape[0], data.shape[2]
     c = size // 2
-    _, _, keep = image_pixel_xy(n, np, real)
+    x, y, keep = image_pixel_xy(n, np, np.float64)
+    keep &= (x * x + y * y) * (pad * pad) <= r_padded * r_padded
     p = slice_positions(np.asarray(rotations), n, pad, np, real)[:, keep]        # (m, k, 3)
     v = np.asarray(images_ft).reshape(m, -1)[:, keep].astype(data.dtype, copy=False)
     w = np.asarray(weights_ft).reshape(m, -1)[:, keep].astype(real, copy=False)
-    r2 = np.einsum("mkd,mkd->mk", p, p)
-    ok = (r2 <= r_padded * r_padded) & (w > 0)
-    p, v, w, r2 = p[ok], v[ok], w[ok], r2[ok]
-    use_nn = (r2 >= (r_min_nn * pad) ** 2) if nn else np.zeros(r2.shape, bool)
+    ok = w > 0
+    p, v, w = p[ok], v[ok], w[ok]
+    if nn:
+        use_nn = np.einsum("kd,kd->k", p, p) >= relion_round(r_min_nn * pad) ** 2
+    else:
+        use_nn = np.zeros(len(p), bool)
 
     flat_idx, flat_val, flat_w = [], [], []
     if use_nn.any():
@@ -112,12 +118,12 @@ template<typename T, typename C>
 __global__ void insert_kernel(const C* __restrict__ images, const T* __restrict__ weights,
                               const T* __restrict__ mats, T* data, T* weight,
                               const int m, const int n, const int nh, const int size, const int half,
-                              const int r_padded, const T r_min_nn2, const int nn)
+                              const int r_padded, const double pad2, const T r_min_nn2, const int nn)
 {
     const long long npix = (long long)n * nh;
     const long long total = npix * m;
     const int c = size / 2;
-    const T r2max = (T)r_padded * (T)r_padded;
+    const double r2max = (double)r_padded * (double)r_padded;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
         const int img = (int)(t / npix);
@@ -126,6 +132,7 @@ __global__ void insert_kernel(const C* __restrict__ images, const T* __restrict_
         const int x = pix - row * nh;
         const int y = row < n / 2 + 1 ? row : row - n;
         if (x == 0 && y < 0) continue;
+        if ((double)(x * x + y * y) * pad2 > r2max) continue;
         const T w = weights[t];
         if (!(w > (T)0)) continue;
         const T* a = mats + 6 * (long long)img;
@@ -133,7 +140,6 @@ __global__ void insert_kernel(const C* __restrict__ images, const T* __restrict_
         T py = a[1] * x + a[4] * y;
         T pz = a[2] * x + a[5] * y;
         const T r2 = px * px + py * py + pz * pz;
-        if (r2 > r2max) continue;
         C v = images[t];
         if (nn && r2 >= r_min_nn2) {
             long long qx = relion_round(px), qy = relion_round(py), qz = relion_round(pz);
@@ -201,4 +207,5 @@ def _insert_cuda(data, weight, images_ft, weights_ft, rotations, pad, r_padded, 
     _kernel(real)((blocks,), (threads,),
                   (images_ft, weights_ft, mats, data.view(real), weight,
                    np.int32(m), np.int32(n), np.int32(nh), np.int32(size), np.int32(half),
-                   np.int32(r_padded), cast((r_min_nn * pad) ** 2), np.int32(1 if nn else 0)))
+                   np.int32(r_padded), np.float64(pad * pad), cast(relion_round(r_min_nn * pad) ** 2),
+                   np.int32(1 if nn else 0)))

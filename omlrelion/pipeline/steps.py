@@ -1,0 +1,275 @@
+"""One function per user-facing step: paths in, paths out. The only glue layer.
+
+`reconstruct` is `omlrelion reconstruct` (relion_reconstruct's job): read a particle STAR file and
+its stacks, back-project, symmetrise, reconstruct, write an MRC map and optionally a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import omlrelion
+from omlrelion.ctf.ctf import CtfParams
+from omlrelion.backend import Device, memory_report, to_numpy
+from omlrelion.errors import InputError
+from omlrelion.fourier.symmetrise import hermitian_repair, symmetrise
+from omlrelion.geometry.euler import euler_to_matrix
+from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.geometry.symmetry import point_group_matrices
+from omlrelion.io.mrc import ImageStack, write_map
+from omlrelion.io.star import ParticleSet, read_particles, read_star_table
+from omlrelion.pipeline.logs import progress
+from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
+from omlrelion.reconstruct.gridding import reconstruct_map
+from omlrelion.reconstruct.insert import CtfMode, insert_particles
+from omlrelion.units import r_max_for_resolution
+
+log = logging.getLogger(__name__)
+
+MIN_BOX_SIZE = 8
+
+
+@dataclass
+class ReconstructOptions:
+    """relion_reconstruct's options (same names and defaults as RELION 3.1)."""
+
+    angpix: float | None = None
+    ctf: CtfMode = field(default_factory=CtfMode)
+    pad: float = 2.0
+    n_iter: int = 10
+    maxres: float | None = None
+    sym: str = "c1"
+    subset: int | None = None
+    skip_gridding: bool = False
+    nn: bool = False
+    fom_weighting: bool = False
+    fsc_path: Path | None = None
+    precision: str | None = None  # "single" | "double"; default double on the host, single on GPUs
+    batch_size: int | None = None
+
+
+def _select_particles(particles: ParticleSet, opts: ReconstructOptions) -> ParticleSet:
+    if opts.subset in (1, 2):
+        if not np.any(particles.random_subset):
+            raise InputError(f"{particles.star_path}: --subset {opts.subset} asked for, but the STAR file "
+                             "has no rlnRandomSubset column")
+        particles = particles.select(particles.random_subset == opts.subset)
+    if particles.n_particles == 0:
+        raise InputError(f"{particles.star_path}: no particles to reconstruct"
+                         + (f" in subset {opts.subset}" if opts.subset in (1, 2) else ""))
+    return particles
+
+
+def _output_geometry(particles: ParticleSet, opts: ReconstructOptions):
+    boxes = {o.box_size for o in particles.optics}
+    if len(boxes) != 1:
+        raise InputError(f"{particles.star_path}: optics groups have different box sizes {sorted(boxes)}; "
+                         "reconstruct each optics group separately (select them) or re-extract at one size")
+    box_size = boxes.pop()
+    if box_size % 2 or box_size < MIN_BOX_SIZE:
+        raise InputError(f"{particles.star_path}: box size {box_size} px is not supported: it must be even "
+                         f"and at least {MIN_BOX_SIZE}")
+    angpix = opts.angpix if opts.angpix else particles.optics[0].angpix
+    if not angpix > 0:
+        raise InputError(f"{particles.star_path}: pixel size {angpix} is not positive; pass --angpix")
+    if opts.pad < 1:
+        raise InputError(f"--pad {opts.pad}: the padding factor must be >= 1")
+    r_max = r_max_for_resolution(box_size, angpix, opts.maxres)
+    return box_size, angpix, PaddedGrid(box_size, opts.pad, r_max)
+
+
+def _batches(particles: ParticleSet, batch_size: int):
+    """Index batches that stay within one optics group and one stack, in file order."""
+    order = np.lexsort((particles.image_indices, particles.image_stacks, particles.optics_group))
+    start = 0
+    while start < len(order):
+        first = order[start]
+        stop = start
+        while (stop < len(order) and stop - start < batch_size
+               and particles.optics_group[order[stop]] == particles.optics_group[first]
+               and particles.image_stacks[order[stop]] == particles.image_stacks[first]):
+            stop += 1
+        yield order[start:stop]
+        start = stop
+
+
+def _ctf_params(particles: ParticleSet, idx) -> CtfParams:
+    return CtfParams(particles.defocus_u[idx], particles.defocus_v[idx], particles.defocus_angle_deg[idx],
+                     particles.phase_shift_deg[idx], particles.ctf_bfactor[idx], particles.ctf_scale[idx])
+
+
+def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: ReconstructOptions,
+                *, angpix: float, dtype, timings: dict, show_progress: bool = True):
+    """Read every particle and insert it into new padded sums on `device`; returns (data, weight)."""
+    xp = device.xp
+    real = np.dtype(dtype)
+    complex_ = np.result_type(real, np.complex64)
+    batch_size = opts.batch_size or (512 if device.gpu is not None else 128)
+    with device.use():
+        data = xp.zeros(grid.shape, dtype=complex_)
+        weight = xp.zeros(grid.shape, dtype=real)
+    stacks: dict[str, ImageStack] = {}
+
+    def read(idx):
+        t = time.perf_counter()
+        path = particles.image_stacks[idx[0]]
+        if path not in stacks:
+            stacks[path] = ImageStack(path)
+        stack = stacks[path]
+        if stack.box_size != particles.optics[particles.optics_group[idx[0]]].box_size:
+            raise InputError(f"{path}: images are {stack.box_size} px but the STAR file's optics group "
+                             f"says {particles.optics[particles.optics_group[idx[0]]].box_size} px")
+        images = stack.read(particles.image_indices[idx])
+        return images, time.perf_counter() - t
+
+    batches = list(_batches(particles, batch_size))
+    bar = progress(particles.n_particles, "back-projecting", show_progress)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, batches[0])
+            for i, idx in enumerate(batches):
+                images, t_read = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(read, batches[i + 1])
+                timings["read"] = timings.get("read", 0.0) + t_read
+                t = time.perf_counter()
+                optics = particles.optics[particles.optics_group[idx[0]]]
+                scale = angpix / optics.angpix * grid.box_size / optics.box_size
+                with device.use():
+                    imgs = device.put(images.astype(real, copy=False))
+                    rotations = euler_to_matrix(particles.eulers_deg[idx])
+                    insert_particles(data, weight, imgs, rotations, particles.shifts_px[idx], optics,
+                                     _ctf_params(particles, idx), mode=opts.ctf,
+                                     pad=grid.pad * scale, r_padded=grid.r_padded, nn=opts.nn,
+                                     fom=particles.fom[idx] if opts.fom_weighting else None)
+                device.synchronize()
+                timings["backproject"] = timings.get("backproject", 0.0) + time.perf_counter() - t
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        for s in stacks.values():
+            s.close()
+    return data, weight
+
+
+def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device = Device(),
+                json_path=None, half_maps=None, show_progress: bool = True, argv=None) -> dict:
+    """relion_reconstruct: particles STAR -> map MRC. Returns the summary (also written to json_path)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out_path = Path(out_path)
+    required = ("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    if opts.ctf.apply:
+        required += ("rlnDefocusU",)
+    t = time.perf_counter()
+    particles = read_particles(star_path, angpix=opts.angpix, require=required)
+    particles = _select_particles(particles, opts)
+    box_size, angpix, grid = _output_geometry(particles, opts)
+    sym_matrices = point_group_matrices(opts.sym)
+    fsc_curve = _read_fsc(opts.fsc_path) if opts.fsc_path else None
+    _check_writable(out_path)
+    if json_path:
+        _check_writable(Path(json_path))
+    timings["read_star"] = time.perf_counter() - t
+    precision = opts.precision or ("double" if device.gpu is None else "single")
+    dtype = np.float64 if precision == "double" else np.float32
+    log.info("reconstructing %d particles, box %d, %.4f A/px, pad %g, r_max %d, grid %d^3 on %s",
+             particles.n_particles, box_size, angpix, grid.pad, grid.r_max, grid.size, device.name)
+
+    data, weight = backproject(particles, grid, device, opts, angpix=angpix, dtype=dtype,
+                               timings=timings, show_progress=show_progress)
+    t = time.perf_counter()
+    with device.use():
+        hermitian_repair(data, weight)
+        if len(sym_matrices) > 1:
+            data, weight = symmetrise(data, weight, sym_matrices, grid.r_padded)
+        tau2 = None
+        if fsc_curve is not None:
+            tau2, _, _ = tau2_from_fsc(weight, fsc_curve, grid=grid, whole_data=True)
+        device.synchronize()
+        timings["symmetrise"] = time.perf_counter() - t
+        volume = reconstruct_map(data, weight, box_size=box_size, pad=grid.pad, r_max=grid.r_max,
+                                 n_iter=opts.n_iter, skip_gridding=opts.skip_gridding, tau2=tau2,
+                                 nn_linear_correction=False, timings=timings)
+        del data, weight
+        volume = to_numpy(volume).astype(np.float32)
+    memory = memory_report(device)
+    t = time.perf_counter()
+    write_map(out_path, volume, angpix)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    summary = {
+        "omlrelion_version": omlrelion.__version__,
+        "command": list(argv) if argv is not None else None,
+        "input": str(star_path), "output": str(out_path),
+        "n_particles": int(particles.n_particles), "box_size": box_size, "angpix": angpix,
+        "pad": grid.pad, "r_max": grid.r_max, "padded_size": grid.size, "final_size": grid.final_size,
+        "gridding_iterations": 0 if opts.skip_gridding else opts.n_iter, "symmetry": opts.sym.upper(),
+        "ctf": opts.ctf.apply, "precision": precision,
+        "device": {"spec": "cpu" if device.gpu is None else f"gpu:{device.gpu}", "name": device.name},
+        "plan": {"devices": 1, "fft_size": grid.size, "layout": "dense, single device"},
+        "peak_memory": [memory],
+        "host": platform.node(), "python": sys.version.split()[0],
+        "timings_s": timings,
+    }
+    if half_maps:
+        summary["fsc"] = half_map_resolution(*half_maps)
+    if json_path:
+        _write_json(Path(json_path), summary)
+    return summary
+
+
+def half_map_resolution(half1_path, half2_path) -> dict:
+    """FSC of two half maps and the resolution at 0.143 (and 0.5)."""
+    from omlrelion.io.mrc import read_map
+
+    m1, a1 = read_map(half1_path)
+    m2, _ = read_map(half2_path)
+    if m1.shape != m2.shape:
+        raise InputError(f"{half2_path}: shape {m2.shape} differs from {half1_path}'s {m1.shape}")
+    curve = fsc(m1.astype(np.float64), m2.astype(np.float64))
+    n = m1.shape[0]
+    return {"curve": [float(c) for c in curve],
+            "resolution_0143_A": resolution_at(curve, box_size=n, angpix=a1, threshold=0.143),
+            "resolution_05_A": resolution_at(curve, box_size=n, angpix=a1, threshold=0.5)}
+
+
+def _read_fsc(path) -> np.ndarray:
+    table = read_star_table(path, required=("rlnSpectralIndex", "rlnGoldStandardFsc"))
+    idx = table["rlnSpectralIndex"].to_numpy().astype(int)
+    curve = np.zeros(idx.max() + 1)
+    curve[idx] = table["rlnGoldStandardFsc"].to_numpy(dtype=np.float64)
+    return curve
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    import os
+
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: output folder {folder} is not writable")
+
+
+def _write_json(path: Path, summary: dict) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
