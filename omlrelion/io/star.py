@@ -28,8 +28,8 @@ from omlrelion.ctf.optics import Optics
 from omlrelion.errors import InputError
 from omlrelion.io.mrc import ImageStack, _atomic_output
 
-__all__ = ["COLUMN_TYPES", "ParticleSet", "read_particles", "write_star", "write_particles",
-           "particle_star_blocks"]
+__all__ = ["COLUMN_TYPES", "ParticleSet", "read_particles", "read_star_table", "write_star",
+           "write_particles", "particle_star_blocks"]
 
 # The RELION labels omlrelion reads or writes, with their types (int columns are written as ints).
 COLUMN_TYPES: dict[str, type] = {
@@ -47,6 +47,9 @@ COLUMN_TYPES: dict[str, type] = {
     "rlnCtfBfactor": float, "rlnCtfScalefactor": float, "rlnRandomSubset": int,
     "rlnClassNumber": int, "rlnParticleFigureOfMerit": float, "rlnGroupNumber": int,
     "rlnGroupName": str, "rlnNormCorrection": float,
+    # FSC tables (relion_postprocess data_fsc)
+    "rlnSpectralIndex": int, "rlnResolution": float, "rlnAngstromResolution": float,
+    "rlnGoldStandardFsc": float, "rlnFourierShellCorrelation": float,
 }
 _STRING_LABELS = [label for label, kind in COLUMN_TYPES.items() if kind is str]
 _OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize",
@@ -307,6 +310,48 @@ def _optics_30(path, particles, stacks, angpix):
     group = group.astype(np.int64)
     names = [f"opticsGroup{i + 1}" for i in range(len(keys))]
     return _build_optics(path, keys, names, group, stacks), group
+
+
+def read_star_table(path: str | os.PathLike, *, required: tuple[str, ...] = (),
+                    block: str | None = None) -> pd.DataFrame:
+    """One table of a STAR file, e.g. `data_fsc` of a relion_postprocess output.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The .star file.
+    required : tuple of str
+        Labels the table must hold; without `block`, the first table holding them all is taken.
+    block : str, optional
+        Block name without "data_" (e.g. "fsc"); "" is the unnamed `data_` block.
+
+    Returns
+    -------
+    DataFrame with the known labels (COLUMN_TYPES) checked: finite numbers, integers as int64.
+
+    Raises
+    ------
+    InputError
+        Missing or unparsable file, no such block, no table with the required labels,
+        an empty table, non-numeric or NaN values in a known numeric column.
+    """
+    path = Path(path)
+    blocks = _read_blocks(path)
+    found = ", ".join(f"data_{n}" for n in blocks) or "none"
+    if block is not None:
+        if block not in blocks:
+            raise InputError(f"{path}: no block data_{block} (blocks found: {found})")
+        name = block
+    else:
+        name = next((n for n, b in blocks.items() if set(required) <= set(b.columns)), None)
+        if name is None:
+            raise InputError(f"{path}: no table holds the label(s) {', '.join(required)} (blocks found: {found})")
+    missing = [label for label in required if label not in blocks[name].columns]
+    if missing:
+        raise InputError(f"{path}: missing label(s) {', '.join(missing)} in data_{name}")
+    if len(blocks[name]) == 0:
+        raise InputError(f"{path}: the table data_{name} is empty")
+    return _clean(path, name, blocks[name])
 
 
 def read_particles(path: str | os.PathLike, *, angpix: float | None = None,

@@ -14,7 +14,7 @@ from omlrelion.errors import InputError
 from omlrelion.io import star
 from omlrelion.io.mrc import ImageStack, write_stack
 from omlrelion.io.star import (COLUMN_TYPES, ParticleSet, particle_star_blocks, read_particles,
-                               write_particles, write_star)
+                               read_star_table, write_particles, write_star)
 
 BOX, APIX = 8, 2.0
 
@@ -478,6 +478,41 @@ def test_30_errors(tmp_path, images):
     ps = read_particles(out_of_range, angpix=APIX)
     with ImageStack(ps.image_stacks[0]) as stack, pytest.raises(InputError, match="image 6 .*holds 5"):
         stack.read(ps.image_indices)
+
+
+# --- generic tables -----------------------------------------------------------------------------
+
+POSTPROCESS = ("data_general\n\n_rlnFinalResolution 7.5\n\n"
+               + loop("fsc", ["rlnSpectralIndex", "rlnResolution", "rlnGoldStandardFsc"],
+                      [[0, 0.0, 1.0], [1, 0.003, 0.99], [2, 0.006, 0.5]]))
+
+
+def test_read_star_table(tmp_path):
+    path = tmp_path / "postprocess.star"
+    path.write_text(POSTPROCESS)
+    table = read_star_table(path, required=("rlnSpectralIndex", "rlnGoldStandardFsc"))
+    assert table["rlnSpectralIndex"].dtype == np.int64
+    np.testing.assert_array_equal(table["rlnGoldStandardFsc"], [1.0, 0.99, 0.5])
+    assert read_star_table(path, block="general")["rlnFinalResolution"].tolist() == [7.5]
+    pd.testing.assert_frame_equal(read_star_table(path, block="fsc"), table)
+
+
+@pytest.mark.parametrize("text, kwargs, message", [
+    (POSTPROCESS, dict(required=("rlnFscMasked",)), r"no table holds the label\(s\) rlnFscMasked"),
+    (POSTPROCESS, dict(block="masked"), "no block data_masked"),
+    (POSTPROCESS, dict(block="fsc", required=("rlnFscMasked",)), r"missing label\(s\) rlnFscMasked in data_fsc"),
+    (POSTPROCESS.replace("0.99", "nan"), dict(block="fsc"), "label rlnGoldStandardFsc, row 2: NaN"),
+    ("data_fsc\n\nloop_\n_rlnSpectralIndex #1\n", dict(block="fsc"), "data_fsc is empty"),
+    ("data_fsc\n\nloop_\n_rlnSpectralIndex #1\n1 2\n", dict(block="fsc"), "cannot parse"),
+])
+def test_read_star_table_errors(tmp_path, text, kwargs, message):
+    path = tmp_path / "t.star"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message) as err:
+        read_star_table(path, **kwargs)
+    assert str(err.value).startswith(str(path))
+    with pytest.raises(InputError, match="not found"):
+        read_star_table(tmp_path / "none.star", required=("rlnSpectralIndex",))
 
 
 # --- Optics -------------------------------------------------------------------------------------
