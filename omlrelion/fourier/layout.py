@@ -49,7 +49,7 @@ def rfft2_centred(images):
 def irfft2_centred(images_ft, n: int):
     """Inverse of `rfft2_centred` for even n: (..., n, n//2+1) -> (..., n, n) real."""
     xp = get_xp(images_ft)
-    return xp.fft.irfft2(centre_by_sign(images_ft, 2), s=(n, n), norm="forward")
+    return xp.fft.irfft2(centre_by_sign(images_ft, 2), s=(n, n), axes=(-2, -1), norm="forward")
 
 
 def shift_2d(images_ft, shifts_px):

@@ -8,7 +8,7 @@ real inner product on the inserted pixels.
 from __future__ import annotations
 
 from omlrelion.backend import get_xp
-from omlrelion.fourier.interp import slice_positions
+from omlrelion.fourier.interp import image_pixel_xy, slice_positions
 from omlrelion.geometry.grids import PaddedGrid, radial_distance
 
 
@@ -54,7 +54,8 @@ def extract_slices(volume_ftc, rotations, *, box_size: int, pad: float, r_padded
 
     Returns
     -------
-    complex (m, n, n//2+1) image transforms, corner layout; zero where |p| > r_padded.
+    complex (m, n, n//2+1) image transforms, corner layout; zero outside the sphere
+    pad^2 (x^2 + y^2) <= r_padded^2 (the back-projector's pixel test).
     """
     xp = get_xp(volume_ftc)
     real = volume_ftc.real.dtype.type
@@ -62,8 +63,8 @@ def extract_slices(volume_ftc, rotations, *, box_size: int, pad: float, r_padded
     c = size // 2
     m, n = len(rotations), box_size
     p = slice_positions(xp.asarray(rotations), n, pad, xp, real)             # (m, k, 3)
-    r2 = (p * p).sum(axis=-1)
-    ok = r2 <= r_padded * r_padded
+    x, y, _ = image_pixel_xy(n, xp, xp.float64)
+    ok = xp.broadcast_to((x * x + y * y) * (pad * pad) <= r_padded * r_padded, p.shape[:-1]).copy()
     flip = p[..., 0] < 0
     p = xp.where(flip[..., None], -p, p)
     p0 = xp.floor(p)

@@ -122,7 +122,7 @@ def gridding_weights(weight_ft, *, grid: PaddedGrid, n_iter: int, work_dtype=Non
     blob = blob_real_space(size, grid.box_size, grid.pad, xp, dtype)
     for it in range(n_iter):
         conv = wn * fw
-        m = xp.fft.irfftn(conv, s=(size, size, size), norm="forward")
+        m = xp.fft.irfftn(conv, s=(size, size, size), axes=(0, 1, 2), norm="forward")
         m *= blob
         conv = xp.fft.rfftn(m, norm="forward")
         del m
@@ -222,7 +222,7 @@ def reconstruct_map(data_ftc, weight_ftc, *, box_size: int, pad: float = 2.0, r_
     q = grid.final_size
     f2 = centre_by_sign(window_ft(fconv, q), 3)
     del fconv
-    v = xp.fft.irfftn(f2, s=(q, q, q), norm="forward")
+    v = xp.fft.irfftn(f2, s=(q, q, q), axes=(0, 1, 2), norm="forward")
     del f2
     lo = q // 2 - box_size // 2
     v = v[lo:lo + box_size, lo:lo + box_size, lo:lo + box_size].copy()

@@ -1,0 +1,5 @@
+import sys
+
+from omlrelion.cli.main import run
+
+sys.exit(run())

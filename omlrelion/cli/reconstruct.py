@@ -1,0 +1,66 @@
+"""Reconstruct a 3D map from particles with known poses (relion_reconstruct's job, on CPU or GPU).
+
+Takes relion_reconstruct's options (RELION 3.1 defaults: pad 2, 10 gridding iterations), e.g.
+  omlrelion reconstruct --i particles.star --o map.mrc --ctf --device gpu
+  omlrelion reconstruct --i particles.star --o half1.mrc --ctf --subset 1 --json half1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omlrelion.backend import parse_device
+from omlrelion.pipeline.steps import ReconstructOptions, reconstruct
+from omlrelion.reconstruct.insert import CtfMode
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--i", dest="input", type=Path, required=True, help="input particle STAR file")
+    p.add_argument("--o", dest="output", type=Path, default=Path("relion.mrc"), help="output map (default: relion.mrc)")
+    p.add_argument("--angpix", type=float, default=-1, help="output pixel size in A (default: the first optics group's)")
+    p.add_argument("--ctf", action="store_true", help="apply CTF correction")
+    p.add_argument("--ctf_intact_first_peak", action="store_true", help="leave the CTF's first peak intact")
+    p.add_argument("--ctf_phase_flipped", action="store_true", help="images are phase-flipped")
+    p.add_argument("--only_flip_phases", action="store_true", help="only flip phases, no amplitude correction")
+    p.add_argument("--pad", type=float, default=2.0, help="padding factor (default: 2)")
+    p.add_argument("--iter", type=int, default=10, help="gridding iterations (default: 10)")
+    p.add_argument("--skip_gridding", action="store_true", help="no gridding: divide by the weights (RELION 4/5 default)")
+    p.add_argument("--maxres", type=float, default=-1, help="maximum resolution in A (default: Nyquist)")
+    p.add_argument("--sym", default="c1", help="point-group symmetry (default: c1)")
+    p.add_argument("--subset", type=int, default=-1, help="1 or 2: only particles of that rlnRandomSubset")
+    p.add_argument("--NN", dest="nn", action="store_true", help="nearest-neighbour insertion")
+    p.add_argument("--fom_weighting", action="store_true", help="weight particles by rlnParticleFigureOfMerit")
+    p.add_argument("--fsc", type=Path, default=None, help="STAR file with rlnSpectralIndex/rlnGoldStandardFsc: MAP term")
+    p.add_argument("--device", default="cpu", help="cpu, gpu, gpu:ID (default: cpu)")
+    p.add_argument("--precision", choices=("single", "double"), default=None,
+                   help="arithmetic (default: double on the CPU, single on GPUs)")
+    p.add_argument("--batch", type=int, default=None, help="particles per batch")
+    p.add_argument("--half_maps", type=Path, nargs=2, default=None, metavar=("HALF1", "HALF2"),
+                   help="report the FSC and resolution of these two half maps in the summary")
+    p.add_argument("--json", type=Path, default=None, help="write a machine-readable summary here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+
+
+def main(args: argparse.Namespace) -> dict:
+    opts = ReconstructOptions(
+        angpix=args.angpix if args.angpix > 0 else None,
+        ctf=CtfMode(apply=args.ctf, intact_first_peak=args.ctf_intact_first_peak,
+                    phase_flipped=args.ctf_phase_flipped, only_flip_phases=args.only_flip_phases),
+        pad=args.pad, n_iter=args.iter, maxres=args.maxres if args.maxres > 0 else None, sym=args.sym,
+        subset=args.subset if args.subset in (1, 2) else None, skip_gridding=args.skip_gridding, nn=args.nn,
+        fom_weighting=args.fom_weighting, fsc_path=args.fsc, precision=args.precision, batch_size=args.batch)
+    devices = parse_device(args.device)
+    summary = reconstruct(args.input, args.output, opts, device=devices[0], json_path=args.json,
+                          half_maps=args.half_maps, show_progress=not args.quiet, argv=sys.argv)
+    if not args.quiet:
+        t = summary["timings_s"]
+        line = (f"omlrelion reconstruct: {summary['n_particles']} particles, box {summary['box_size']}, "
+                f"{summary['angpix']:.4g} A/px -> {args.output} on {summary['device']['name']} in {t['total']:.2f} s "
+                f"(read {t.get('read', 0):.2f}, back-project {t.get('backproject', 0):.2f}, "
+                f"reconstruct {t.get('gridding', 0) + t.get('fft_to_map', 0):.2f})")
+        if "fsc" in summary:
+            line += f"; half-map resolution {summary['fsc']['resolution_0143_A']:.2f} A at FSC 0.143"
+        print(line)
+    return summary

@@ -1,0 +1,48 @@
+"""Shared fixtures: array backends, random generators, the golden data folder, GPU skips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omlrelion.backend import gpu_count
+
+N_GPUS = gpu_count()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and N_GPUS < 1:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "multigpu" in item.keywords and N_GPUS < 2:
+            item.add_marker(pytest.mark.skip(reason="needs >= 2 GPUs"))
+        if "relion" in item.keywords and shutil.which("relion_reconstruct") is None:
+            item.add_marker(pytest.mark.skip(reason="RELION programs not on the PATH"))
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    return pytest.importorskip(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261128)
+
+
+def shared_data() -> Path:
+    """The golden reference folder (RELION-simulated sets), from OMLRELION_DATA or ../shared/data."""
+    return Path(os.environ.get("OMLRELION_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def relion_sim64() -> Path:
+    folder = shared_data() / "relion_sim64"
+    if not (folder / "particles.star").is_file():
+        pytest.skip(f"golden data not found in {folder} (set OMLRELION_DATA)")
+    return folder
