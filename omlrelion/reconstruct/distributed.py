@@ -1,0 +1,236 @@
+"""RELION's sums-to-map step spread over several devices (slab decomposition, no full gather).
+
+Same maths as `reconstruct.gridding.reconstruct_map` (RELION 3.1 BackProjector::reconstruct), laid
+out for G devices: every Fourier-space array (weights, gridding weights, data) is held as y-slabs
+of the FFTW-layout half grid, every real-space array as z-slabs, and the 3D FFTs of the gridding
+loop and of the final inverse are `SlabFFT`s whose only inter-device traffic is one all-to-all
+exchange each. Elementwise steps (multiply, blob, divide inside the sphere) stay local. Only the
+final N^3 map is brought together, on the host.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from omlrelion.backend import Device, get_xp, to_numpy
+from omlrelion.geometry.grids import PaddedGrid, signed_freqs
+from omlrelion.reconstruct.gridding import (_BLOB_TABLE_RHO_MAX, _BLOB_TABLE_SIZE, blob_table, grid_correct,
+                                            soft_mask_outside)
+from omlrelion.reconstruct.slab_fft import SlabFFT, SlabLayout, _move
+from omlrelion.units import relion_round
+
+
+def _r2_slab(size: int, rows, xp):
+    """|k|^2 (int64) on the y-rows `rows` (FFTW indices) of the side-`size` half grid: (size, ny, H)."""
+    k = xp.asarray(signed_freqs(size, np).astype(np.int64))
+    ky = k[xp.asarray(rows)]
+    kx = xp.arange(size // 2 + 1, dtype=xp.int64)
+    return k[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2
+
+
+def _blob_slab(size: int, planes, box_size: int, pad: float, xp, dtype):
+    """T(|r| / (N pad)) on the z-planes `planes` of the side-`size` real grid (RELION's floor table)."""
+    table = xp.asarray(blob_table(), dtype=dtype)
+    i = np.arange(size)
+    r = np.where(i < size // 2, i, i - size).astype(np.float64)
+    rz = xp.asarray(r[np.asarray(planes)])
+    ry = xp.asarray(r)
+    rho = xp.sqrt(rz[:, None, None] ** 2 + ry[None, :, None] ** 2 + ry[None, None, :] ** 2) / (box_size * pad)
+    idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
+    return xp.where(idx < _BLOB_TABLE_SIZE, table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0).astype(dtype)
+
+
+def _decentred_rows(a_ftc, rows, r2, r2_max, dev: Device):
+    """FFTW-layout y-rows `rows` of a projector-centred array, zero where |k|^2 > r2_max, on `dev`."""
+    size = a_ftc.shape[0]
+    c = size // 2
+    z_src = (np.arange(size) + c) % size
+    y_src = (np.asarray(rows) + c) % size
+    xp = get_xp(a_ftc)
+    out = _move(a_ftc[xp.asarray(z_src)][:, xp.asarray(y_src), :], dev)
+    out *= (r2 <= r2_max)
+    return out
+
+
+def reconstruct_map_distributed(data_ftc, weight_ftc, *, devices: list[Device], box_size: int, pad: float = 2.0,
+                                r_max: int | None = None, n_iter: int = 10, skip_gridding: bool = False, tau2=None,
+                                tau2_fudge: float = 1.0, strided: bool = False, timings=None):
+    """Padded Fourier sums -> (N, N, N) map on the host, the work spread over `devices`.
+
+    data_ftc, weight_ftc : projector-centred (P, P, P//2+1) sums (on the host or one device),
+    Hermitian-repaired and symmetrised. Arithmetic in the weight's float type.
+    """
+    grid = PaddedGrid(box_size, pad, box_size // 2 if r_max is None else r_max)
+    size, r2_sphere = grid.size, grid.r2_sphere
+    real = np.dtype(weight_ftc.dtype)
+    t0 = time.perf_counter()
+    fft = SlabFFT(size, devices, strided=strided)
+    rows = [fft.y_layout.planes(h) for h in range(len(devices))]
+    r2 = []
+    fw = []
+    for h, dev in enumerate(devices):
+        with dev.use():
+            r2.append(_r2_slab(size, rows[h], dev.xp))
+            fw.append(_decentred_rows(weight_ftc, rows[h], r2[h], r2_sphere, dev))
+    if tau2 is not None:
+        _add_map_term(fw, r2, rows, tau2, grid, tau2_fudge, devices)
+    if skip_gridding or n_iter <= 0:
+        wn = _floor_division(fw, r2, grid, devices)
+    else:
+        wn = _gridding(fft, fw, r2, grid, n_iter, devices, real)
+    del fw
+    fconv = []
+    for h, dev in enumerate(devices):
+        with dev.use():
+            d = _decentred_rows(data_ftc, rows[h], r2[h], r2_sphere, dev)
+            d *= wn[h].astype(real, copy=False)
+            fconv.append(d)
+    del wn, r2
+    _sync(devices)
+    t1 = time.perf_counter()
+    volume = _window_and_invert(fconv, rows, grid, devices, strided)
+    volume /= real.type(pad**3 * box_size)
+    soft_mask_outside(volume, radius=box_size / 2, width=3.0)
+    grid_correct(volume, pad=pad)
+    if timings is not None:
+        timings["gridding"] = timings.get("gridding", 0.0) + (t1 - t0)
+        timings["fft_to_map"] = timings.get("fft_to_map", 0.0) + (time.perf_counter() - t1)
+    return volume
+
+
+def _gridding(fft: SlabFFT, fw, r2, grid: PaddedGrid, n_iter: int, devices, real):
+    blobs, inside, wn = [], [], []
+    for g, dev in enumerate(devices):
+        with dev.use():
+            blobs.append(_blob_slab(grid.size, fft.z_layout.planes(g), grid.box_size, grid.pad, dev.xp, real))
+            inside.append(r2[g] < grid.r2_sphere)
+            wn.append(inside[g].astype(real))
+    for _ in range(n_iter):
+        conv = []
+        for h, dev in enumerate(devices):
+            with dev.use():
+                conv.append((wn[h] * fw[h]).astype(np.result_type(real, np.complex64)))
+        m = fft.inverse(conv)
+        del conv
+        for g, dev in enumerate(devices):
+            with dev.use():
+                m[g] *= blobs[g]
+        conv = fft.forward(m)
+        del m
+        for h, dev in enumerate(devices):
+            xp = dev.xp
+            with dev.use():
+                mag = xp.maximum(xp.abs(conv[h]), 1e-6).astype(real)
+                wn[h] = xp.where(inside[h], wn[h] / mag, wn[h])
+                if real == np.float32:
+                    wn[h] = xp.minimum(wn[h], 1e20)
+        del conv
+    return wn
+
+
+def _floor_division(fw, r2, grid: PaddedGrid, devices):
+    r_max, pad = grid.r_max, grid.pad
+    r2_limit = relion_round((r_max * pad) ** 2)
+    acc = np.zeros(r_max)
+    cnt = np.zeros(r_max)
+    shells = []
+    for h, dev in enumerate(devices):
+        xp = dev.xp
+        with dev.use():
+            shell = xp.floor(xp.sqrt(r2[h].astype(xp.float64)) / pad).astype(xp.int64)
+            shells.append(shell)
+            inside = r2[h] < r2_limit
+            acc += to_numpy(xp.bincount(shell[inside], weights=fw[h][inside].astype(xp.float64), minlength=r_max))[:r_max]
+            cnt += to_numpy(xp.bincount(shell[inside], minlength=r_max))[:r_max]
+    if np.any((cnt == 0) & (acc == 0)):
+        raise ValueError("a Fourier shell holds no voxel: r_max or pad too small for this grid")
+    floor = acc / (1000.0 * np.maximum(cnt, 1))
+    out = []
+    for h, dev in enumerate(devices):
+        xp = dev.xp
+        with dev.use():
+            w = xp.maximum(fw[h].astype(xp.float64), xp.asarray(floor)[xp.minimum(shells[h], r_max - 1)])
+            out.append(xp.where(w != 0, 1.0 / xp.where(w != 0, w, 1.0), 1.0))
+    return out
+
+
+def _add_map_term(fw, r2, rows, tau2, grid: PaddedGrid, fudge: float, devices) -> None:
+    tau2 = np.asarray(tau2, dtype=np.float64)
+    for h, dev in enumerate(devices):
+        xp = dev.xp
+        with dev.use():
+            t = xp.asarray(tau2)
+            shell = xp.floor(xp.sqrt(r2[h].astype(xp.float64)) / grid.pad + 0.5).astype(xp.int64)
+            inside = r2[h] < grid.r2_sphere
+            tt = t[xp.minimum(shell, len(tau2) - 1)]
+            w = fw[h].astype(xp.float64)
+            add = xp.where(tt > 0, 1.0 / (grid.pad**3 * fudge * xp.where(tt > 0, tt, 1.0)),
+                           xp.where((tt < 1e-20) & (w > 1e-20), 1.0 / (0.001 * xp.where(w > 1e-20, w, 1.0)), 0.0))
+            fw[h] += xp.where(inside, add, 0.0).astype(fw[h].dtype)
+
+
+def _window_and_invert(fconv, rows, grid: PaddedGrid, devices, strided: bool):
+    """Window each device's rows from the odd P grid to the even Q grid, centre, c2r, crop, gather."""
+    size, q, n = grid.size, grid.final_size, grid.box_size
+    k_in = signed_freqs(size, np)
+    k_q = signed_freqs(q, np)
+    q_index = {int(k): i for i, k in enumerate(k_q)}
+    q_parts, q_windows = [], []
+    for h in range(len(devices)):
+        ks = k_in[np.asarray(rows[h])]
+        keep = [(j, q_index[int(k)]) for j, k in enumerate(ks) if int(k) in q_index]
+        q_parts.append(tuple(sorted(i for _, i in keep)))
+        q_windows.append(sorted(keep, key=lambda t: t[1]))
+    covered = sorted(i for part in q_parts for i in part)
+    z_src = np.where(k_q < 0, k_q + size, k_q)      # P-grid z index of every Q-grid z plane
+    kx_len = min(size // 2 + 1, q // 2 + 1)
+    slabs = []
+    for h, dev in enumerate(devices):
+        xp = dev.xp
+        with dev.use():
+            src_rows = xp.asarray(np.array([j for j, _ in q_windows[h]], dtype=np.int64))
+            out = xp.zeros((q, len(q_parts[h]), q // 2 + 1), dtype=fconv[h].dtype)
+            if len(q_parts[h]):
+                block = fconv[h][xp.asarray(z_src)][:, src_rows, :kx_len]
+                if q > size:          # enlarging: RELION copies only |k|^2 <= (P//2)^2
+                    kz = xp.asarray(k_q.astype(np.int64))[:, None, None]
+                    ky = xp.asarray(k_q[np.asarray(q_parts[h])].astype(np.int64))[None, :, None]
+                    kx = xp.arange(kx_len, dtype=xp.int64)[None, None, :]
+                    block = block * ((kz**2 + ky**2 + kx**2) <= (size // 2) ** 2)
+                out[:, :, :kx_len] = block
+                # centre by sign on the Q grid: (-1)^(z + y + x) with Q-grid FFTW indices
+                sz = 1 - 2 * (xp.arange(q) % 2)
+                sy = 1 - 2 * (xp.asarray(np.asarray(q_parts[h])) % 2)
+                sx = 1 - 2 * (xp.arange(q // 2 + 1) % 2)
+                out *= (sz[:, None, None] * sy[None, :, None] * sx[None, None, :]).astype(out.real.dtype)
+            slabs.append(out)
+    # Q rows outside every device's P rows are zero (|k| > R): give them to the last device
+    missing = tuple(i for i in range(q) if i not in set(covered))
+    if missing:
+        q_parts[-1] = tuple(sorted(q_parts[-1] + missing))
+        dev = devices[-1]
+        with dev.use():
+            full = dev.xp.zeros((q, len(q_parts[-1]), q // 2 + 1), dtype=slabs[-1].dtype)
+            pos = {r: i for i, r in enumerate(q_parts[-1])}
+            keep = [pos[r] for r in sorted(set(q_parts[-1]) - set(missing))]
+            full[:, keep, :] = slabs[-1]
+            slabs[-1] = full
+    fft = SlabFFT(q, devices, strided=strided, y_layout=SlabLayout(q, len(devices), parts=tuple(q_parts)))
+    real_slabs = fft.inverse(slabs)
+    lo = q // 2 - n // 2
+    volume = np.empty((n, n, n), dtype=to_numpy(real_slabs[0][:1, :1, :1]).dtype)
+    for g, dev in enumerate(devices):
+        planes = fft.z_layout.planes(g)
+        sel = (planes >= lo) & (planes < lo + n)
+        if np.any(sel):
+            with dev.use():
+                part = real_slabs[g][dev.xp.asarray(np.nonzero(sel)[0])][:, lo:lo + n, lo:lo + n]
+            volume[planes[sel] - lo] = to_numpy(part)
+    return volume
+
+
+def _sync(devices) -> None:
+    for dev in devices:
+        dev.synchronize()
