@@ -8,8 +8,8 @@ Data and weight accumulate in projector-centred layout (see `fourier.layout`) on
   rotated position decides the pixels lying exactly on the sphere, |p| = R, by rounding noise);
 * trilinear (default): fold p_x < 0 to -p (conjugating the value), then distribute value and weight
   over the 8 neighbours with the trilinear fractions;
-* nearest neighbour (`nn=True`, used only where |p| >= round(pad * r_min_nn)): round p (halves
-  away from zero), fold, add to one voxel.
+* nearest neighbour (`nn=True`, used only where |p| >= round(pad * r_min_nn), again on the exact
+  pixel radius): round p (halves away from zero), fold, add to one voxel.
 
 One function, two implementations: NumPy (vectorised, any float dtype, the reference) and CuPy (a
 CUDA kernel with atomic adds, float32 or float64). Both add in place into the accumulators.
@@ -58,8 +58,9 @@ def _insert_numpy(data, weight, images_ft, weights_ft, rotations, pad, r_padded,
     w = np.asarray(weights_ft).reshape(m, -1)[:, keep].astype(real, copy=False)
     ok = w > 0
     p, v, w = p[ok], v[ok], w[ok]
-    if nn:
-        use_nn = np.einsum("kd,kd->k", p, p) >= relion_round(r_min_nn * pad) ** 2
+    if nn:   # exact pixel radius, as for the sphere: |p|^2 = pad^2 (x^2 + y^2)
+        pixel_r2 = np.broadcast_to(((x * x + y * y) * (pad * pad))[keep], (m, int(keep.sum())))[ok]
+        use_nn = pixel_r2 >= relion_round(r_min_nn * pad) ** 2
     else:
         use_nn = np.zeros(len(p), bool)
 
@@ -118,7 +119,7 @@ template<typename T, typename C>
 __global__ void insert_kernel(const C* __restrict__ images, const T* __restrict__ weights,
                               const T* __restrict__ mats, T* data, T* weight,
                               const int m, const int n, const int nh, const int size, const int half,
-                              const int r_padded, const double pad2, const T r_min_nn2, const int nn)
+                              const int r_padded, const double pad2, const double r_min_nn2, const int nn)
 {
     const long long npix = (long long)n * nh;
     const long long total = npix * m;
@@ -132,16 +133,16 @@ __global__ void insert_kernel(const C* __restrict__ images, const T* __restrict_
         const int x = pix - row * nh;
         const int y = row < n / 2 + 1 ? row : row - n;
         if (x == 0 && y < 0) continue;
-        if ((double)(x * x + y * y) * pad2 > r2max) continue;
+        const double pixel_r2 = (double)(x * x + y * y) * pad2;
+        if (pixel_r2 > r2max) continue;
         const T w = weights[t];
         if (!(w > (T)0)) continue;
         const T* a = mats + 6 * (long long)img;
         T px = a[0] * x + a[3] * y;
         T py = a[1] * x + a[4] * y;
         T pz = a[2] * x + a[5] * y;
-        const T r2 = px * px + py * py + pz * pz;
         C v = images[t];
-        if (nn && r2 >= r_min_nn2) {
+        if (nn && pixel_r2 >= r_min_nn2) {
             long long qx = relion_round(px), qy = relion_round(py), qz = relion_round(pz);
             if (qx < 0) { qx = -qx; qy = -qy; qz = -qz; v.y = -v.y; }
             if (qx >= half || qy < -c || qy > c || qz < -c || qz > c) continue;
@@ -203,9 +204,8 @@ def _insert_cuda(data, weight, images_ft, weights_ft, rotations, pad, r_padded, 
     total = m * n * nh
     threads = 256
     blocks = int(min((total + threads - 1) // threads, 65535 * 8))
-    cast = real.type
     _kernel(real)((blocks,), (threads,),
                   (images_ft, weights_ft, mats, data.view(real), weight,
                    np.int32(m), np.int32(n), np.int32(nh), np.int32(size), np.int32(half),
-                   np.int32(r_padded), np.float64(pad * pad), cast(relion_round(r_min_nn * pad) ** 2),
+                   np.int32(r_padded), np.float64(pad * pad), np.float64(relion_round(r_min_nn * pad) ** 2),
                    np.int32(1 if nn else 0)))

@@ -294,7 +294,10 @@ class ImageStack:
             raise InputError(f"{self.path}: image {first + 1} (1-based, as in k@stack) is out of range: "
                              f"the stack holds {self.n_images} images")
         try:
-            images = np.asarray(self._data[index]).astype(REAL)
+            if index.size > 1 and np.all(np.diff(index) == 1):   # a run of images: one block copy
+                images = np.array(self._data[index[0]:index[-1] + 1], dtype=REAL)
+            else:
+                images = np.asarray(self._data[index]).astype(REAL, copy=False)
         except (ValueError, OSError) as exc:
             raise _open_error(self.path, exc) from exc
         finite = np.isfinite(images).all(axis=(1, 2))
