@@ -1,0 +1,876 @@
+"""One function per rule of the Snakemake workflow (`workflow/`, `rules/`): paths in, paths out.
+
+Data flow of one run (dataset x parameter set), iteration i = 1..F:
+
+    STAR + stacks --preprocess--> particle store (h5: images, CTF, poses, half, shard)
+    expectation_shard(half h, shard s, i)  -> sums_h{h}_s{s}.h5 (padded data + weight), poses_h{h}_s{s}.h5
+    merge_sums(h, i)                       -> sums_h{h}.h5 (shards added, Hermitian-repaired, symmetrised)
+    model_update(i)                        -> model.json (gold-standard FSC from the two halves' sums,
+                                              resolution, next r_max, final/converged flags)
+    reconstruct_half(h, i)                 -> half map (h5 + RELION-named MRC), MAP with tau2 from the FSC
+    final iteration F: reconstruct_unfil(h) and reconstruct_joined -> run_half{h}_class001_unfil.mrc,
+                                              run_class001.mrc; postprocess, export_particles, run_summary
+
+Pose search is not implemented yet: the expectation keeps each particle's current pose (from the
+STAR file at iteration 1, then from the previous iteration's poses file of its shard) and
+back-projects its shard. From iteration 2 on it also receives its half's previous map and scores
+every particle against it at its current pose (normalised cross-correlation, `score` in the poses
+file): the inputs and outputs are those a pose search needs, so it replaces this step in place.
+
+Schedule (RELION's auto-refine, as far as it applies without pose search, refinement spec 4.4 and
+5.2-5.3): iteration 1 back-projects up to r_max from `initial_resolution_A` (all data when null);
+after each iteration r* is the last shell with SSNR = FSC/(1-FSC) >= 1, and the next r_max is
+r* + incr_size; the final iteration uses all data up to the limit (`maxres_A` or Nyquist).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import omlrelion
+from omlrelion import backend
+from omlrelion.backend import Device, gpu_count, to_numpy
+from omlrelion.ctf.ctf import CtfParams, ctf_2d
+from omlrelion.errors import InputError
+from omlrelion.fourier.layout import rfft2_centred, shift_2d
+from omlrelion.fourier.projector import extract_slices, volume_to_ftc
+from omlrelion.fourier.symmetrise import hermitian_repair, symmetrise
+from omlrelion.geometry.euler import euler_to_matrix
+from omlrelion.geometry.grids import PaddedGrid, radial_distance
+from omlrelion.geometry.symmetry import point_group_matrices
+from omlrelion.io import h5
+from omlrelion.io.mrc import ImageStack, read_map, write_map
+from omlrelion.io.star import read_particles, write_particles, write_star
+from omlrelion.pipeline.simulate import SimulateParams, simulate
+from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
+from omlrelion.reconstruct.gridding import reconstruct_map
+from omlrelion.reconstruct.insert import CtfMode, insert_particles
+from omlrelion.units import r_max_for_resolution, relion_round
+
+log = logging.getLogger(__name__)
+
+MINRES_MAP = 5  # RELION's --minres_map: no MAP term and no resolution below this shell
+BATCH = 256
+_GPU_LOCKS: list = []
+
+
+# --------------------------------------------------------------------------- helpers
+def job_device(gpus: int = 0) -> Device:
+    """Where a job computes: a GPU when it asked for one (resources gpu >= 1) and CuPy sees one.
+
+    Of the visible GPUs it takes the first that no other omlrelion job on this machine holds
+    (an flock on a file named by the GPU's PCI bus id, kept until the process ends), so that
+    concurrent local jobs spread over a workstation's GPUs; the host otherwise.
+    """
+    if not gpus or gpu_count() == 0:
+        return Device()
+    for i in range(gpu_count()):
+        bus = backend.cp.cuda.Device(i).pci_bus_id.replace(":", "_")
+        fd = os.open(os.path.join(tempfile.gettempdir(), f"omlrelion-gpu-{bus}.lock"), os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _GPU_LOCKS.append(fd)
+        return Device(i)
+    log.warning("every visible GPU is held by another omlrelion job; sharing GPU 0")
+    return Device(0)
+
+
+def _compression(opts: dict) -> h5.Compression:
+    return h5.Compression(**opts)
+
+
+def _write_json(path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the JSON file ({exc})") from exc
+
+
+def _dtype(precision: str):
+    if precision not in ("single", "double"):
+        raise InputError(f"precision {precision!r}: expected single or double")
+    return np.float32 if precision == "single" else np.float64
+
+
+# --------------------------------------------------------------------------- input checks
+def check_particles(star_path, *, n_shards: int, ctf: bool, box_size: int | None = None) -> int:
+    """Parse-time check of a particle STAR file and its stacks; returns the number of particles.
+
+    Raises InputError naming the file: the io checks (labels, values, stacks, headers, image
+    numbers), optics groups of different box or pixel size, a downsampling box_size larger than
+    the images, n_shards larger than a half set.
+    """
+    required = ("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") + (("rlnDefocusU",) if ctf else ())
+    particles = read_particles(star_path, require=required)
+    _single_geometry(particles)
+    check_box(box_size, particles.optics[0].box_size, star_path)
+    for stack in np.unique(particles.image_stacks):
+        with ImageStack(stack) as images:
+            rows = particles.image_stacks == stack
+            top = int(particles.image_indices[rows].max()) + 1
+            if top > images.n_images:
+                raise InputError(f"{star_path}: image {top}@{stack} is out of range: the stack holds "
+                                 f"{images.n_images} images")
+            if images.box_size != particles.optics[0].box_size:
+                raise InputError(f"{stack}: images are {images.box_size} px, {star_path} says "
+                                 f"{particles.optics[0].box_size} px")
+    halves = _random_halves(particles, seed=0)
+    smallest = min(int((halves == 1).sum()), int((halves == 2).sum()))
+    _check_shards(n_shards, smallest, star_path)
+    return particles.n_particles
+
+
+def check_box(box_size: int | None, image_box: int, what) -> None:
+    """InputError when preprocess.box_size would enlarge the images."""
+    if box_size is not None and box_size > image_box:
+        raise InputError(f"preprocess.box_size = {box_size} is larger than the {image_box} px images of {what}; "
+                         f"downsampling only")
+
+
+def check_shards(n_shards: int, n_particles: int, what) -> None:
+    """InputError when a half set (about n_particles / 2) cannot fill n_shards shards."""
+    _check_shards(n_shards, n_particles // 2, what)
+
+
+def _check_shards(n_shards: int, per_half: int, what) -> None:
+    if n_shards > per_half:
+        raise InputError(f"preprocess.n_shards = {n_shards} is larger than the number of particles in a half "
+                         f"set of {what} ({per_half}); lower preprocess.n_shards")
+
+
+def _single_geometry(particles) -> None:
+    geometry = {(o.box_size, o.angpix) for o in particles.optics}
+    if len(geometry) != 1:
+        raise InputError(f"{particles.star_path}: optics groups differ in box or pixel size {sorted(geometry)}; "
+                         f"the workflow needs one geometry (re-extract, or run each group as its own dataset)")
+
+
+def _random_halves(particles, seed: int) -> np.ndarray:
+    subset = particles.random_subset
+    if np.all(np.isin(subset, (1, 2))):
+        return subset.astype(np.int8)
+    if np.any(subset != 0):
+        raise InputError(f"{particles.star_path}: rlnRandomSubset is set for some particles only; RELION "
+                         f"needs it for all (1 or 2) or for none")
+    return np.random.default_rng(seed).integers(1, 3, particles.n_particles).astype(np.int8)
+
+
+# --------------------------------------------------------------------------- simulate, preprocess
+def simulate_dataset(out_star, *, opts: dict) -> dict:
+    """The built-in demo data: `omlrelion simulate --map phantom` into out_star (+ .mrcs, _phantom.mrc)."""
+    opts = dict(opts)
+    seed = opts.pop("seed")
+    params = SimulateParams(n_particles=opts.pop("n_particles"), box_size=opts.pop("box_size"),
+                            angpix=opts.pop("angpix"), **opts)
+    return simulate("phantom", Path(out_star).with_suffix(""), params, seed=seed)
+
+
+def _fourier_crop(images: np.ndarray, new_box: int) -> np.ndarray:
+    """Resample (k, n, n) images to (k, m, m) by Fourier cropping (grey values kept; centre n//2 -> m//2)."""
+    n = images.shape[-1]
+    if new_box == n:
+        return images
+    f = np.fft.rfft2(images, norm="forward")
+    h = new_box // 2
+    rows = np.r_[0:h, n - h:n]
+    return np.fft.irfft2(f[:, rows, :h + 1], s=(new_box, new_box), norm="forward").astype(np.float32)
+
+
+def _normalise(images: np.ndarray, radius: float, remove_ramp: bool, first_row: int, star) -> np.ndarray:
+    """relion_preprocess --norm: ramp (plane) removal, then background mean 0 and stddev 1."""
+    n = images.shape[-1]
+    y, x = np.mgrid[:n, :n] - n // 2
+    bg = (x * x + y * y > radius * radius).ravel()
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    if remove_ramp:
+        design = np.stack([x.ravel(), y.ravel(), np.ones(n * n)], axis=1)
+        coef = flat[:, bg] @ np.linalg.pinv(design[bg]).T
+        flat = flat - coef @ design.T
+    mean = flat[:, bg].mean(axis=1, keepdims=True)
+    std = flat[:, bg].std(axis=1, keepdims=True)
+    if np.any(std <= 0):
+        row = first_row + int(np.flatnonzero(std.ravel() <= 0)[0])
+        raise InputError(f"{star}: row {row + 1}: the image background is constant; set preprocess.normalise: false")
+    return ((flat - mean) / std).reshape(images.shape).astype(np.float32)
+
+
+def preprocess(star_path, out_store, *, opts: dict) -> dict:
+    """STAR + stacks -> particle store: downsampling, normalisation, contrast, halves, shards.
+
+    opts: box_size (null keeps), normalise, bg_radius_px (null: 0.375 box), remove_ramp,
+    invert_contrast, n_shards (per half), seed (random halves when the STAR has none),
+    compression (codec, level, shuffle). Absent CTF labels take RELION's defaults.
+    """
+    t0 = time.perf_counter()
+    particles = read_particles(star_path, require=("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    _single_geometry(particles)
+    optics0 = particles.optics[0]
+    box = int(opts["box_size"] or optics0.box_size)
+    check_box(box, optics0.box_size, star_path)
+    if box % 2 or box < 8:
+        raise InputError(f"preprocess.box_size = {box}: must be even and >= 8")
+    scale = box / optics0.box_size
+    angpix = optics0.angpix / scale
+    radius = opts["bg_radius_px"] if opts["bg_radius_px"] is not None else 0.375 * box
+    if not 0 < radius < box / 2:
+        raise InputError(f"preprocess.bg_radius_px = {radius}: must lie in (0, {box // 2})")
+    halves = _random_halves(particles, int(opts["seed"]))
+    n_shards = int(opts["n_shards"])
+    shards = np.zeros(particles.n_particles, dtype=np.int32)
+    for half in (1, 2):
+        members = np.flatnonzero(halves == half)
+        _check_shards(n_shards, len(members), star_path)
+        shards[members] = np.arange(len(members)) % n_shards + 1
+    optics = [replace(o, box_size=box, angpix=angpix) for o in particles.optics]
+    hash_ = h5.config_hash({"star": str(star_path), **opts})
+    stacks: dict[str, ImageStack] = {}
+    try:
+        with h5.ParticleStoreWriter(out_store, n_particles=particles.n_particles, box_size=box, angpix=angpix,
+                                    optics=optics, attrs={"config_hash": hash_, "n_shards": n_shards,
+                                                          "source_star": str(star_path)},
+                                    compression=_compression(opts["compression"])) as store:
+            for start in range(0, particles.n_particles, BATCH):
+                rows = np.arange(start, min(start + BATCH, particles.n_particles))
+                images = np.empty((len(rows), optics0.box_size, optics0.box_size), dtype=np.float32)
+                for stack in np.unique(particles.image_stacks[rows]):
+                    sel = particles.image_stacks[rows] == stack
+                    if stack not in stacks:
+                        stacks[stack] = ImageStack(stack)
+                    images[sel] = stacks[stack].read(particles.image_indices[rows[sel]])
+                images = _fourier_crop(images, box)
+                if opts["normalise"]:
+                    images = _normalise(images, radius, opts["remove_ramp"], start, star_path)
+                if opts["invert_contrast"]:
+                    images = -images
+                store.write_images(start, images)
+            store.write_columns({
+                "eulers_deg": particles.eulers_deg, "shifts_px": particles.shifts_px * scale,
+                "defocus_u": particles.defocus_u, "defocus_v": particles.defocus_v,
+                "defocus_angle_deg": particles.defocus_angle_deg, "phase_shift_deg": particles.phase_shift_deg,
+                "ctf_bfactor": particles.ctf_bfactor, "ctf_scale": particles.ctf_scale,
+                "optics_group": particles.optics_group, "half": halves, "shard": shards,
+                "star_row": np.arange(particles.n_particles, dtype=np.int64)})
+    finally:
+        for s in stacks.values():
+            s.close()
+    log.info("preprocessed %d particles from %s: box %d, %.4f A/px, %d shards per half in %.1f s",
+             particles.n_particles, star_path, box, angpix, n_shards, time.perf_counter() - t0)
+    return {"n_particles": particles.n_particles, "box_size": box, "angpix": angpix}
+
+
+# --------------------------------------------------------------------------- expectation
+def _ctf_params(store: h5.ParticleStore, index: np.ndarray, columns: dict) -> CtfParams:
+    return CtfParams(*(columns[c][index] for c in ("defocus_u", "defocus_v", "defocus_angle_deg",
+                                                   "phase_shift_deg", "ctf_bfactor", "ctf_scale")))
+
+
+def _scores(volume_ftc, images, rotations, shifts_px, optics, ctf, *, grid: PaddedGrid, apply_ctf: bool):
+    """Normalised cross-correlation of each image with its reference projection, |k| <= r_max, DC out."""
+    xp = backend.get_xp(volume_ftc)
+    n = images.shape[-1]
+    model = extract_slices(volume_ftc, rotations, box_size=n, pad=grid.pad, r_padded=grid.r_padded)
+    if apply_ctf:
+        model = model * ctf_2d(optics, ctf, xp=xp, dtype=images.dtype)
+    x = shift_2d(rfft2_centred(images), np.asarray(shifts_px, dtype=np.float64))
+    ky = xp.fft.fftfreq(n, 1.0 / n)[:, None]
+    kx = xp.arange(n // 2 + 1)[None, :]
+    mask = ((kx * kx + ky * ky) <= grid.r_max**2) & ~((kx == 0) & (ky == 0))
+    weight = xp.where(kx == 0, 1.0, 2.0) * mask  # the rfft half counts twice except x = 0
+    num = xp.sum(weight * (xp.conj(model) * x).real, axis=(1, 2))
+    den = xp.sqrt(xp.sum(weight * xp.abs(model) ** 2, axis=(1, 2)) * xp.sum(weight * xp.abs(x) ** 2, axis=(1, 2)))
+    return to_numpy(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)).astype(np.float64)
+
+
+def first_iteration(schedule: dict) -> dict:
+    """What iteration 1 needs of the schedule: its resolution limit and whether it is the final one."""
+    last = schedule["max_iterations"] if schedule["until_converged"] else schedule["iterations"]
+    return {"initial_resolution_A": schedule["initial_resolution_A"], "final": last == 1}
+
+
+def iteration_schedule(schedule: dict, iteration: int) -> dict:
+    """What model_update of `iteration` needs of the schedule (so that other changes do not rerun it)."""
+    if schedule["until_converged"]:
+        out = {"mode": "converge", "last_allowed": iteration + 1 >= schedule["max_iterations"]}
+    else:
+        out = {"mode": "fixed", "next_is_final": iteration + 1 >= schedule["iterations"]}
+    if iteration == 1:
+        out.update(first_is_final=first_iteration(schedule)["final"], incr_size=schedule["incr_size"])
+    return out
+
+
+def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int, iteration: int, opts: dict,
+                      poses_in=None, model_in=None, reference=None, device: Device = Device()) -> dict:
+    """One shard of one half set: current poses -> poses file, back-projection -> partial sums.
+
+    opts: pad, maxres_A (resolution limit; null: Nyquist), ctf, precision, compression, and for
+    iteration 1 `first` (first_iteration()). poses_in / model_in / reference: the shard's poses
+    file, model.json and half map of the previous iteration (iteration >= 2).
+    """
+    t0 = time.perf_counter()
+    dtype = _dtype(opts["precision"])
+    with h5.ParticleStore(store_path) as store:
+        columns = {c: store.column(c) for c in ("half", "shard", "eulers_deg", "shifts_px", "optics_group",
+                                               "defocus_u", "defocus_v", "defocus_angle_deg", "phase_shift_deg",
+                                               "ctf_bfactor", "ctf_scale")}
+        index = np.flatnonzero((columns["half"] == half) & (columns["shard"] == shard))
+        if index.size == 0:
+            raise InputError(f"{store_path}: half {half}, shard {shard} holds no particle")
+        box, angpix = store.box_size, store.angpix
+        limit = r_max_for_resolution(box, angpix, opts["maxres_A"])
+        if model_in is None:
+            first = opts["first"]
+            r_max = limit if first["final"] else min(limit, r_max_for_resolution(box, angpix, first["initial_resolution_A"]))
+            eulers, shifts = columns["eulers_deg"][index], columns["shifts_px"][index]
+        else:
+            model = _read_json(model_in)
+            r_max = limit if model["next_is_final"] else min(limit, int(model["next_r_max"]))
+            prev, _ = h5.read_table(poses_in, expect={"iteration": iteration - 1, "half": half, "shard": shard})
+            if not np.array_equal(prev["index"], index):
+                raise InputError(f"{poses_in}: its particles are not those of half {half}, shard {shard} of {store_path}")
+            eulers, shifts = prev["eulers_deg"], prev["shifts_px"]
+        grid = PaddedGrid(box, float(opts["pad"]), r_max)
+        xp = device.xp
+        ref_ftc = None
+        if reference is not None:
+            volume, _ = h5.read_volume(reference, expect={"box_size": box, "angpix": angpix, "half": half,
+                                                          "iteration": iteration - 1})
+            with device.use():
+                ref_ftc = volume_to_ftc(device.put(volume.astype(dtype)), pad=grid.pad, r_max=r_max)
+        scores = np.full(len(index), np.nan)
+        with device.use():
+            data = xp.zeros(grid.shape, dtype=np.result_type(dtype, np.complex64))
+            weight = xp.zeros(grid.shape, dtype=dtype)
+            mode = CtfMode(apply=bool(opts["ctf"]))
+            for group in np.unique(columns["optics_group"][index]):
+                members = np.flatnonzero(columns["optics_group"][index] == group)
+                optics = store.optics[group]
+                for start in range(0, len(members), BATCH):
+                    sel = members[start:start + BATCH]
+                    rows = index[sel]
+                    images = device.put(store.read_images(rows).astype(dtype))
+                    rotations = euler_to_matrix(eulers[sel])
+                    ctf = _ctf_params(store, rows, columns)
+                    insert_particles(data, weight, images, rotations, shifts[sel], optics, ctf, mode=mode,
+                                     pad=grid.pad, r_padded=grid.r_padded)
+                    if ref_ftc is not None:
+                        scores[sel] = _scores(ref_ftc, images, device.put(rotations), shifts[sel], optics, ctf,
+                                              grid=grid, apply_ctf=mode.apply)
+            data, weight = to_numpy(data), to_numpy(weight)
+    attrs = {"box_size": box, "angpix": angpix, "pad": grid.pad, "r_max": r_max, "iteration": iteration,
+             "half": half, "shard": shard, "n_particles": len(index), "config_hash": h5.config_hash(opts),
+             "precision": opts["precision"], "elapsed_s": time.perf_counter() - t0}
+    compression = _compression(opts["compression"])
+    h5.write_table(out_poses, {"index": index, "eulers_deg": eulers, "shifts_px": shifts, "score": scores},
+                   attrs={k: attrs[k] for k in ("box_size", "angpix", "iteration", "half", "shard", "config_hash")},
+                   compression=compression)
+    h5.write_sums(out_sums, data, weight, attrs=attrs, compression=compression)
+    log.info("iteration %d, half %d, shard %d: %d particles back-projected to r_max %d on %s in %.1f s",
+             iteration, half, shard, len(index), r_max, device.name, time.perf_counter() - t0)
+    return attrs
+
+
+# --------------------------------------------------------------------------- merge, model update
+def merge_sums(shard_paths, out_sums, *, half: int, iteration: int, opts: dict) -> dict:
+    """Add the shards' sums of one half, Hermitian-repair and symmetrise them (opts: symmetry, compression)."""
+    data = weight = first = None
+    n = 0
+    for path in shard_paths:
+        d, w, attrs = h5.read_sums(path, expect={"iteration": iteration, "half": half, **(first or {})})
+        if first is None:
+            first = {k: attrs[k] for k in ("box_size", "angpix", "pad", "r_max", "config_hash", "precision")}
+            data, weight = d, w
+        else:
+            data += d
+            weight += w
+        n += int(attrs["n_particles"])
+    grid = PaddedGrid(int(first["box_size"]), float(first["pad"]), int(first["r_max"]))
+    hermitian_repair(data, weight)
+    matrices = point_group_matrices(opts["symmetry"])
+    if len(matrices) > 1:
+        data, weight = symmetrise(data, weight, matrices, grid.r_padded)
+    attrs = {**first, "iteration": iteration, "half": half, "n_particles": n, "symmetry": opts["symmetry"].upper(),
+             "config_hash": h5.config_hash({**opts, "shards": first["config_hash"]})}
+    h5.write_sums(out_sums, data, weight, attrs=attrs, compression=_compression(opts["compression"]))
+    return attrs
+
+
+def fsc_from_sums(data1, weight1, data2, weight2, *, grid: PaddedGrid) -> np.ndarray:
+    """RELION's gold-standard FSC of two halves' sums (calculateDownSampledFourierShellCorrelation).
+
+    Each padded voxel goes to the cell round(k / pad) of the unpadded grid; cell average =
+    sum(data) / sum(weight); FSC over cells with |k| <= r_max, shell round(|k|); FSC[0] = 1 and
+    shells beyond r_max are 0. Returns (box_size//2 + 1,) float64.
+    """
+    c, half, r = grid.size // 2, grid.half, grid.r_max
+    k = relion_round(np.arange(-c, c + 1) / grid.pad)
+    kx = relion_round(np.arange(half) / grid.pad)
+    down, dh = 2 * (r + 1) + 1, r + 2
+    cell = (((k[:, None, None] + r + 1) * down + (k[None, :, None] + r + 1)) * dh + kx[None, None, :]).ravel()
+    size = down * down * dh
+
+    def average(data, weight):
+        s = np.bincount(cell, weights=data.real.ravel(), minlength=size) \
+            + 1j * np.bincount(cell, weights=data.imag.ravel(), minlength=size)
+        w = np.bincount(cell, weights=weight.ravel().astype(np.float64), minlength=size)
+        return np.where(w > 0, s / np.where(w > 0, w, 1.0), 0.0)
+
+    a1, a2 = average(data1, weight1), average(data2, weight2)
+    g = np.arange(-(r + 1), r + 2)
+    radius = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + np.arange(dh)[None, None, :] ** 2).ravel()
+    keep = radius <= r
+    shell = relion_round(radius[keep])
+    n_shells = grid.box_size // 2 + 1
+    num = np.bincount(shell, weights=(a1[keep] * np.conj(a2[keep])).real, minlength=n_shells)[:n_shells]
+    d1 = np.bincount(shell, weights=np.abs(a1[keep]) ** 2, minlength=n_shells)[:n_shells]
+    d2 = np.bincount(shell, weights=np.abs(a2[keep]) ** 2, minlength=n_shells)[:n_shells]
+    curve = np.where(d1 * d2 > 0, num / np.sqrt(np.where(d1 * d2 > 0, d1 * d2, 1.0)), 0.0)
+    curve[0] = 1.0
+    return curve
+
+
+def resolution_shell(curve, *, fudge: float = 1.0) -> int:
+    """RELION's r*: last shell with SSNR >= 1 before the first below (jumping to a later shell > r*+3
+    that still has SSNR > 1), at least MINRES_MAP."""
+    f = np.clip(np.asarray(curve, dtype=np.float64), 0.001, 0.999)
+    ssnr = fudge * f / (1 - f)
+    r = 0
+    for s in range(1, len(ssnr)):
+        if ssnr[s] < 1:
+            break
+        r = s
+    for s in range(len(ssnr) - 1, r + 3, -1):
+        if ssnr[s] > 1:
+            r = s
+            break
+    return max(r, MINRES_MAP)
+
+
+def _first_below(curve, threshold: float) -> int:
+    below = np.flatnonzero(np.asarray(curve)[1:] < threshold)
+    return int(below[0]) + 1 if below.size else len(curve)
+
+
+def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_model=None) -> dict:
+    """Gold-standard FSC of the halves' sums and the schedule: resolution, next r_max, final/converged.
+
+    opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...).
+    """
+    d1, w1, a1 = h5.read_sums(sums1, expect={"iteration": iteration, "half": 1})
+    d2, w2, a2 = h5.read_sums(sums2, expect={"iteration": iteration, "half": 2, "r_max": a1["r_max"],
+                                             "pad": a1["pad"], "box_size": a1["box_size"], "angpix": a1["angpix"]})
+    box, angpix, r_max = int(a1["box_size"]), float(a1["angpix"]), int(a1["r_max"])
+    grid = PaddedGrid(box, float(a1["pad"]), r_max)
+    curve = fsc_from_sums(d1, w1, d2, w2, grid=grid)
+    prev = _read_json(prev_model) if prev_model else None
+    final = prev["next_is_final"] if prev else bool(opts["first_is_final"])
+    r_star = resolution_shell(curve, fudge=opts["tau2_fudge"])
+    incr = max(int(prev["incr_size"] if prev else opts["incr_size"]),
+               _first_below(curve, 0.143) - _first_below(curve, 0.5) + 5)
+    current = r_star / (box * angpix)
+    gain = prev is None or current > prev["current_resolution_inv_A"] + 1e-4
+    no_gain = 0 if gain else int(prev["iterations_without_resolution_gain"]) + 1
+    converged = no_gain >= 1
+    if final:
+        next_is_final = False
+    elif opts["mode"] == "fixed":
+        next_is_final = bool(opts["next_is_final"])
+    else:
+        next_is_final = converged or bool(opts["last_allowed"])
+    limit = r_max_for_resolution(box, angpix, opts["maxres_A"])
+    model = {
+        "omlrelion_version": omlrelion.__version__, "iteration": iteration, "box_size": box, "angpix": angpix,
+        "pad": grid.pad, "r_max": r_max, "r_max_limit": limit, "n_particles": [int(a1["n_particles"]),
+                                                                               int(a2["n_particles"])],
+        "symmetry": a1.get("symmetry", "C1"), "fsc": curve.tolist(),
+        "resolution_0143_A": resolution_at(curve, box_size=box, angpix=angpix, threshold=0.143),
+        "resolution_05_A": resolution_at(curve, box_size=box, angpix=angpix, threshold=0.5),
+        "r_star": r_star, "current_resolution_A": 1.0 / current, "current_resolution_inv_A": current,
+        "incr_size": incr, "iterations_without_resolution_gain": no_gain, "converged": converged,
+        "final": bool(final), "next_is_final": next_is_final,
+        "next_r_max": None if final else (limit if next_is_final else min(limit, r_star + incr)),
+    }
+    _write_json(out_model, model)
+    log.info("iteration %d: FSC 0.143 at %.2f A, r* %d, next r_max %s%s", iteration, model["resolution_0143_A"],
+             r_star, model["next_r_max"], " (final)" if final else "")
+    return model
+
+
+# --------------------------------------------------------------------------- reconstruction
+def _model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, reference: str, curve=None) -> None:
+    import pandas as pd
+
+    box, angpix = model["box_size"], model["angpix"]
+    shells = np.arange(box // 2 + 1)
+    pad = lambda a: np.pad(np.asarray(a, float), (0, max(0, len(shells) - len(a))))[:len(shells)]  # noqa: E731
+    general = pd.DataFrame({"rlnReferenceDimensionality": [3], "rlnDataDimensionality": [2],
+                            "rlnOriginalImageSize": [box], "rlnCurrentResolution": [model["current_resolution_A"]],
+                            "rlnCurrentImageSize": [2 * model["r_max"]], "rlnPaddingFactor": [model["pad"]],
+                            "rlnPixelSize": [angpix], "rlnNrClasses": [1], "rlnTau2FudgeFactor": [fudge]})
+    classes = pd.DataFrame({"rlnReferenceImage": [reference], "rlnClassDistribution": [1.0],
+                            "rlnEstimatedResolution": [model["resolution_0143_A"]]})
+    with np.errstate(divide="ignore"):
+        table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": shells / (box * angpix),
+                              "rlnAngstromResolution": np.where(shells > 0, box * angpix / np.maximum(shells, 1), 999.0),
+                              "rlnSsnrMap": pad(ssnr), "rlnGoldStandardFsc": pad(model["fsc"] if curve is None else curve),
+                              "rlnReferenceSigma2": pad(sigma2), "rlnReferenceTau2": pad(tau2)})
+    write_star(path, {"model_general": general, "model_classes": classes, "model_class_1": table})
+
+
+def _reconstruct(data, weight, grid: PaddedGrid, opts: dict, device: Device, tau2=None):
+    with device.use():
+        volume = reconstruct_map(device.put(data), device.put(weight), box_size=grid.box_size, pad=grid.pad,
+                                 r_max=grid.r_max, n_iter=int(opts["gridding_iterations"]),
+                                 skip_gridding=int(opts["gridding_iterations"]) == 0, tau2=tau2,
+                                 tau2_fudge=float(opts["tau2_fudge"]), minres_map=MINRES_MAP)
+        return to_numpy(volume).astype(np.float32)
+
+
+def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, half: int, iteration: int,
+                     opts: dict, device: Device = Device()) -> dict:
+    """The half map of one iteration: MAP reconstruction with tau2 from the halves' FSC (spec 4.4).
+
+    opts: tau2_fudge, gridding_iterations, compression.
+    """
+    t0 = time.perf_counter()
+    model = _read_json(model_json)
+    data, weight, attrs = h5.read_sums(sums, expect={"iteration": iteration, "half": half, "r_max": model["r_max"]})
+    grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
+    tau2, sigma2, ssnr = tau2_from_fsc(weight, model["fsc"], grid=grid, whole_data=False, fudge=opts["tau2_fudge"])
+    volume = _reconstruct(data, weight, grid, opts, device, tau2=tau2)
+    out = {"box_size": grid.box_size, "angpix": float(attrs["angpix"]), "pad": grid.pad, "r_max": grid.r_max,
+           "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]}),
+           "elapsed_s": time.perf_counter() - t0}
+    h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))
+    write_map(out_mrc, volume, float(attrs["angpix"]))
+    _model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
+    return out
+
+
+def reconstruct_unfil(sums, model_json, out_mrc, *, half: int, iteration: int, opts: dict,
+                      device: Device = Device()) -> None:
+    """Final iteration: the unregularised half map (no tau2), RELION's run_half{h}_class001_unfil.mrc."""
+    model = _read_json(model_json)
+    data, weight, attrs = h5.read_sums(sums, expect={"iteration": iteration, "half": half, "r_max": model["r_max"]})
+    grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
+    write_map(out_mrc, _reconstruct(data, weight, grid, opts, device), float(attrs["angpix"]))
+
+
+def reconstruct_joined(sums1, sums2, model_json, out_mrc, out_model_star, *, iteration: int, opts: dict,
+                       device: Device = Device()) -> None:
+    """Final iteration: both halves' sums added, tau2 from the full-data FSC estimate sqrt(2f/(1+f))."""
+    model = _read_json(model_json)
+    d1, w1, attrs = h5.read_sums(sums1, expect={"iteration": iteration, "half": 1, "r_max": model["r_max"]})
+    d2, w2, _ = h5.read_sums(sums2, expect={"iteration": iteration, "half": 2, "r_max": model["r_max"]})
+    grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
+    d1 += d2
+    w1 += w2
+    tau2, sigma2, ssnr = tau2_from_fsc(w1, model["fsc"], grid=grid, whole_data=True, fudge=opts["tau2_fudge"])
+    write_map(out_mrc, _reconstruct(d1, w1, grid, opts, device, tau2=tau2), float(attrs["angpix"]))
+    _model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
+
+
+# --------------------------------------------------------------------------- postprocess
+def _soft_sphere(n: int, radius_px: float, edge_px: float) -> np.ndarray:
+    r = radial_distance(n, np, dtype=np.float64)
+    mask = np.where(r < radius_px, 1.0, 0.0)
+    ramp = (r >= radius_px) & (r < radius_px + edge_px)
+    mask[ramp] = 0.5 + 0.5 * np.cos(np.pi * (r[ramp] - radius_px) / edge_px)
+    return mask
+
+
+def _shells(n: int) -> np.ndarray:
+    k = np.fft.fftfreq(n, 1.0 / n)
+    kx = np.arange(n // 2 + 1)
+    return np.floor(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2) + 0.5).astype(int)
+
+
+def _randomise_phases(volume: np.ndarray, from_shell: int, rng) -> np.ndarray:
+    f = np.fft.rfftn(volume)
+    sel = _shells(volume.shape[0]) > from_shell
+    f[sel] = np.abs(f[sel]) * np.exp(2j * np.pi * rng.random(int(sel.sum())))
+    return np.fft.irfftn(f, s=volume.shape)
+
+
+def _guinier(volume: np.ndarray, angpix: float):
+    """(s^2 in 1/A^2, ln of the mean amplitude) per shell 1..n/2."""
+    n = volume.shape[0]
+    f = np.abs(np.fft.rfftn(volume, norm="forward"))
+    shells = _shells(n).ravel()
+    keep = shells <= n // 2
+    total = np.bincount(shells[keep], weights=f.ravel()[keep], minlength=n // 2 + 1)
+    count = np.bincount(shells[keep], minlength=n // 2 + 1)
+    s = np.arange(1, n // 2 + 1)
+    amp = total[1:] / np.maximum(count[1:], 1)
+    return (s / (n * angpix)) ** 2, np.log(np.maximum(amp, 1e-30))
+
+
+def _filter(volume, angpix: float, *, bfactor: float, fsc_weight, resolution_A: float, edge_shells: float = 2.0):
+    """Sharpen (exp(-B s^2 / 4)), FSC-weight and low-pass (raised cosine) a map."""
+    n = volume.shape[0]
+    f = np.fft.rfftn(volume)
+    r = np.sqrt(np.fft.fftfreq(n, 1.0 / n)[:, None, None] ** 2 + np.fft.fftfreq(n, 1.0 / n)[None, :, None] ** 2
+                + np.arange(n // 2 + 1)[None, None, :] ** 2)
+    s2 = (r / (n * angpix)) ** 2
+    shell = np.minimum(np.floor(r + 0.5).astype(int), n // 2)
+    cut = n * angpix / resolution_A if math.isfinite(resolution_A) else n / 2
+    lowpass = 0.5 + 0.5 * np.cos(np.pi * np.clip((r - cut + edge_shells / 2) / edge_shells, 0, 1))
+    f *= np.exp(-bfactor * s2 / 4) * np.asarray(fsc_weight)[shell] * lowpass
+    return np.fft.irfftn(f, s=volume.shape).astype(np.float32)
+
+
+def postprocess(half1, half2, outputs: dict, *, opts: dict) -> dict:
+    """relion_postprocess on the final unfiltered half maps, with a soft spherical mask.
+
+    outputs: map, masked_map, star, json, fsc_png, guinier_png, slices_png. opts: mask_diameter_A
+    (null: 0.8 x box), mask_edge_px, randomise_at_fsc, bfactor (null: Guinier fit), fit_low_A, seed.
+    """
+    import pandas as pd
+
+    m1, angpix = read_map(half1)
+    m2, _ = read_map(half2)
+    n = m1.shape[0]
+    diameter = opts["mask_diameter_A"] or 0.8 * n * angpix
+    mask = _soft_sphere(n, diameter / (2 * angpix), float(opts["mask_edge_px"]))
+    unmasked = fsc(m1.astype(np.float64), m2.astype(np.float64))
+    masked = fsc(m1 * mask, m2 * mask)
+    rand_at = min(_first_below(unmasked, opts["randomise_at_fsc"]), n // 2)
+    rng = np.random.default_rng(opts["seed"])
+    randomised = fsc(_randomise_phases(m1, rand_at, rng) * mask, _randomise_phases(m2, rand_at, rng) * mask)
+    corrected = masked.copy()
+    tail = np.arange(len(corrected)) > rand_at + 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corrected[tail] = np.nan_to_num((masked[tail] - randomised[tail]) / (1 - randomised[tail]))
+    resolution = resolution_at(corrected, box_size=n, angpix=angpix, threshold=0.143)
+    combined = 0.5 * (m1 + m2)
+    s2, lnf = _guinier(combined * mask, angpix)
+    fit = (s2 >= 1 / opts["fit_low_A"] ** 2) & (s2 <= 1 / resolution**2)
+    slope = intercept = float("nan")
+    if opts["bfactor"] is not None:
+        bfactor = float(opts["bfactor"])
+    elif fit.sum() >= 3:
+        slope, intercept = np.polyfit(s2[fit], lnf[fit], 1)
+        bfactor = 4.0 * float(slope)
+    else:
+        bfactor = 0.0
+        log.warning("Guinier fit: fewer than 3 shells between %.1f A and %.2f A; no sharpening (B = 0)",
+                    opts["fit_low_A"], resolution)
+    weight = np.sqrt(np.clip(2 * corrected / (1 + corrected), 0, 1))
+    weight[0] = 1.0
+    sharp = _filter(combined, angpix, bfactor=bfactor, fsc_weight=weight, resolution_A=resolution)
+    write_map(outputs["map"], sharp, angpix)
+    write_map(outputs["masked_map"], sharp * mask.astype(np.float32), angpix)
+    shells = np.arange(n // 2 + 1)
+    inv = shells / (n * angpix)
+    general = pd.DataFrame({"rlnFinalResolution": [resolution], "rlnBfactorUsedForSharpening": [bfactor],
+                            "rlnUnfilteredMapHalf1": [str(half1)], "rlnUnfilteredMapHalf2": [str(half2)],
+                            "rlnMaskName": [f"soft sphere {diameter:.1f} A"],
+                            "rlnRandomiseFrom": [n * angpix / max(rand_at, 1)]})
+    table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": inv,
+                          "rlnAngstromResolution": np.where(shells > 0, n * angpix / np.maximum(shells, 1), 999.0),
+                          "rlnFourierShellCorrelationCorrected": corrected,
+                          "rlnFourierShellCorrelationUnmaskedMaps": unmasked,
+                          "rlnFourierShellCorrelationMaskedMaps": masked,
+                          "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": randomised})
+    guinier = pd.DataFrame({"rlnResolutionSquared": s2, "rlnLogAmplitudesOriginal": lnf})
+    write_star(outputs["star"], {"general": general, "fsc": table, "guinier": guinier})
+    summary = {"resolution_A": resolution, "resolution_unmasked_A": resolution_at(unmasked, box_size=n, angpix=angpix),
+               "bfactor": bfactor, "randomise_from_shell": int(rand_at), "mask_diameter_A": diameter,
+               "fsc_corrected": corrected.tolist(), "fsc_unmasked": unmasked.tolist(), "box_size": n, "angpix": angpix}
+    _plot_fsc(outputs["fsc_png"], inv, {"corrected": corrected, "unmasked": unmasked, "masked": masked,
+                                        "phase-randomised masked": randomised}, resolution)
+    _plot_guinier(outputs["guinier_png"], s2, lnf, fit, slope, intercept, bfactor)
+    _plot_slices(outputs["slices_png"], sharp, f"postprocess.mrc, {resolution:.2f} A, B = {bfactor:.0f} A^2")
+    _write_json(outputs["json"], summary)
+    return summary
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_fsc(path, inv, curves: dict, resolution: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, c in curves.items():
+        ax.plot(inv, c, label=label)
+    ax.axhline(0.143, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="resolution (1/A)", ylabel="FSC", ylim=(-0.1, 1.05),
+           title=f"gold-standard FSC: {resolution:.2f} A at 0.143")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_guinier(path, s2, lnf, fit, slope, intercept, bfactor) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(s2, lnf, ".-", label="ln |F| (masked map)")
+    if np.isfinite(slope):
+        ax.plot(s2[fit], slope * s2[fit] + intercept, "r-", label=f"fit: B = {bfactor:.0f} A^2")
+    ax.set(xlabel="s^2 (1/A^2)", ylabel="ln amplitude", title="Guinier plot")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_slices(path, volume, title: str) -> None:
+    plt = _pyplot()
+    c = volume.shape[0] // 2
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    for ax, img, name in zip(axes, (volume[c], volume[:, c], volume[:, :, c]), ("z", "y", "x")):
+        ax.imshow(img, cmap="gray", origin="lower")
+        ax.set(title=f"central {name} slice", xticks=[], yticks=[])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def export_particles(star_path, store_path, poses_paths, out_star, out_png, *, iteration: int) -> None:
+    """run_data.star (the input rows with the final poses and half sets) and the angular distribution plot."""
+    with h5.ParticleStore(store_path) as store:
+        rows, halves, angpix = store.column("star_row"), store.column("half"), store.angpix
+    particles = read_particles(star_path)
+    eulers = particles.eulers_deg.copy()
+    shifts_a = particles.shifts_px * np.array([o.angpix for o in particles.optics])[particles.optics_group][:, None]
+    seen = np.zeros(particles.n_particles, dtype=bool)
+    for path in poses_paths:
+        table, _ = h5.read_table(path, expect={"iteration": iteration})
+        target = rows[table["index"]]
+        eulers[target], shifts_a[target] = table["eulers_deg"], table["shifts_px"] * angpix
+        seen[target] = True
+    if not seen.all():
+        raise InputError(f"{store_path}: {int((~seen).sum())} particles are in no poses file of iteration {iteration}")
+    pix = np.array([o.angpix for o in particles.optics])[particles.optics_group][:, None]
+    subset = np.zeros(particles.n_particles, dtype=np.int64)
+    subset[rows] = halves
+    table = particles.table.copy()  # image names relative to run_data.star's folder
+    folder = Path(out_star).resolve().parent
+    table["rlnImageName"] = [f"{k + 1:06d}@{os.path.relpath(s, folder)}"
+                             for k, s in zip(particles.image_indices, particles.image_stacks)]
+    write_particles(out_star, replace(particles, table=table, eulers_deg=eulers, shifts_px=shifts_a / pix,
+                                      random_subset=subset))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6), subplot_kw={"projection": "hammer"})
+    hb = ax.hexbin(np.deg2rad(((eulers[:, 0] + 180) % 360) - 180), np.deg2rad(90 - eulers[:, 1]), gridsize=30,
+                   mincnt=1, cmap="viridis")
+    fig.colorbar(hb, ax=ax, label="particles")
+    ax.set_title(f"angular distribution (rot, 90 - tilt), {particles.n_particles} particles", fontsize=9, pad=18)
+    ax.grid(True, lw=0.3)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- summaries
+def _benchmark(folders) -> dict:
+    """Total job seconds and the largest peak RSS (MB) of the Snakemake benchmark files in `folders`."""
+    seconds, rss = 0.0, 0.0
+    for path in sorted(p for folder in folders for p in Path(folder).rglob("*.tsv")):
+        lines = Path(path).read_text().splitlines()
+        if len(lines) < 2:
+            continue
+        head, values = lines[0].split("\t"), lines[1].split("\t")
+        row = dict(zip(head, values))
+        seconds += float(row.get("s", 0) or 0)
+        try:
+            rss = max(rss, float(row.get("max_rss", 0)))
+        except ValueError:  # "NA" where the job was too short to sample
+            pass
+    return {"cpu_wall_s": seconds, "peak_rss_mb": rss}
+
+
+def run_summary(out_json, *, dataset: str, parameter_set: str, overrides: dict, models, postprocess_json,
+                stores: dict, benchmark_dirs, final_map, phantom=None) -> dict:
+    """One row of the sweep table: resolution per iteration and final, time, memory, compression per file type.
+
+    stores: file type -> h5 paths; benchmark_dirs: folders of Snakemake benchmark files (all jobs of
+    the run and of its dataset's simulation and preprocessing).
+    """
+    post = _read_json(postprocess_json)
+    history = [_read_json(m) for m in models]
+    compression: dict[str, dict] = {}
+    for kind, paths in stores.items():
+        raw = stored = 0
+        for path in paths:
+            report = h5.compression_report(path)
+            raw += report["raw_bytes"]
+            stored += report["stored_bytes"]
+        compression[kind] = {"files": len(paths), "raw_bytes": raw, "stored_bytes": stored,
+                             "ratio": raw / stored if stored else None}
+    truth = None
+    if phantom is not None:
+        final, angpix = read_map(final_map)
+        ref, _ = read_map(phantom)
+        if ref.shape == final.shape:
+            curve = fsc(final.astype(np.float64), ref.astype(np.float64))
+            truth = resolution_at(curve, box_size=final.shape[0], angpix=angpix, threshold=0.5)
+    last = history[-1]
+    summary = {"dataset": dataset, "parameter_set": parameter_set, "overrides": overrides,
+               "n_particles": sum(last["n_particles"]), "box_size": last["box_size"], "angpix": last["angpix"],
+               "pad": last["pad"], "symmetry": last["symmetry"], "iterations": len(history),
+               "resolution_A": post["resolution_A"], "resolution_unmasked_A": post["resolution_unmasked_A"],
+               "resolution_vs_truth_A": truth, "bfactor": post["bfactor"],
+               "resolution_per_iteration_A": [m["resolution_0143_A"] for m in history],
+               "r_max_per_iteration": [m["r_max"] for m in history], **_benchmark(benchmark_dirs),
+               "compression": compression, "omlrelion_version": omlrelion.__version__}
+    _write_json(out_json, summary)
+    return summary
+
+
+SWEEP_COLUMNS = ("dataset", "parameter_set", "n_particles", "box_size", "angpix", "pad", "symmetry", "iterations",
+                 "resolution_A", "resolution_unmasked_A", "resolution_vs_truth_A", "bfactor", "cpu_wall_s",
+                 "peak_rss_mb", "ratio_particles", "ratio_sums", "ratio_volumes")
+
+
+def sweep_table(summaries, out_tsv, out_md) -> list[dict]:
+    """All runs' summaries as one table (TSV for programs, Markdown for the report)."""
+    rows = []
+    for path in summaries:
+        s = _read_json(path)
+        row = {k: s.get(k) for k in SWEEP_COLUMNS}
+        for kind in ("particles", "sums", "volumes"):
+            row[f"ratio_{kind}"] = (s["compression"].get(kind) or {}).get("ratio")
+        rows.append(row)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "inf" if math.isinf(v) else f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["\t".join(SWEEP_COLUMNS)] + ["\t".join(fmt(r[c]) for c in SWEEP_COLUMNS) for r in rows]
+    tmp = Path(out_tsv).with_name(f".{Path(out_tsv).name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out_tsv)
+    md = ["| " + " | ".join(SWEEP_COLUMNS) + " |", "|" + "---|" * len(SWEEP_COLUMNS)]
+    md += ["| " + " | ".join(fmt(r[c]) for c in SWEEP_COLUMNS) + " |" for r in rows]
+    tmp = Path(out_md).with_name(f".{Path(out_md).name}.tmp")
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, out_md)
+    return rows

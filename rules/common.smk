@@ -1,0 +1,217 @@
+# Helpers: config checks with key names, per-run configs, paths, input and params functions,
+# and the final targets. Logic beyond that lives in omlrelion.pipeline.workflow.
+import json
+from os.path import join
+from pathlib import Path
+
+import jsonschema
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from omlrelion.errors import InputError
+from omlrelion.geometry.symmetry import point_group_matrices
+from omlrelion.pipeline import workflow as wf
+
+SECTIONS = ("refine", "reconstruct", "store", "postprocess")
+RESULTS = config.get("results", "results")
+DATA = join(RESULTS, "{dataset}")
+RUN = join(DATA, "{pset}")
+IT = join(RUN, "it{it}")
+FINAL = join(RUN, "final")
+POST = join(RUN, "postprocess")
+STORE = join(DATA, "preprocess", "particles.h5")
+SIMULATED = join(DATA, "input", "particles.star")
+PHANTOM = join(DATA, "input", "particles_phantom.mrc")
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_-]+",
+    pset="[A-Za-z0-9_-]+",
+    it="[0-9]{3}",
+    half="[12]",
+    shard="[0-9]+",
+
+
+def check_config(cfg, schema):
+    """Stop before any job with one line per schema violation, each naming its config key."""
+    path = Path(workflow.basedir) / schema
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(path.read_text()))
+    problems = []
+    for err in validator.iter_errors(cfg):
+        key = ".".join(str(p) for p in err.absolute_path)
+        where = f"config key '{key}'" if key else "config"
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = sorted(err.schema.get("properties", {}))
+            for extra in sorted(set(err.instance) - set(allowed)):
+                name = f"{key}.{extra}" if key else extra
+                problems.append(f"config key '{name}' is not allowed (allowed here: {', '.join(allowed)})")
+        elif err.validator == "oneOf":
+            problems.append(f"{where}: give exactly one of 'star' and 'simulate'")
+        else:
+            problems.append(f"{where}: {err.message}")
+    if problems:
+        raise WorkflowError("invalid configuration:\n  " + "\n  ".join(sorted(set(problems))))
+
+
+def run_config(pset):
+    """The refine/reconstruct/store/postprocess sections with parameter set `pset` applied."""
+    over = config["parameter_sets"][pset]
+    return {s: {**config[s], **over.get(s, {})} for s in SECTIONS}
+
+
+def check_inputs():
+    """Parse-time checks of the data (STAR files and stacks, shard counts, symmetry symbols)."""
+    pre = config["preprocess"]
+    try:
+        for pset in config["parameter_sets"]:
+            try:
+                point_group_matrices(run_config(pset)["reconstruct"]["symmetry"])
+            except (InputError, ValueError) as exc:
+                raise InputError(f"config key 'reconstruct.symmetry' (parameter set {pset}): {exc}") from None
+        ctf = any(run_config(p)["refine"]["ctf"] for p in config["parameter_sets"])
+        for name, ds in config["datasets"].items():
+            if "simulate" in ds:
+                wf.check_box(pre["box_size"], ds["simulate"]["box_size"], f"dataset {name}")
+                wf.check_shards(pre["n_shards"], ds["simulate"]["n_particles"], f"dataset {name}")
+            elif workflow.is_main_process:  # jobs re-read the Snakefile; the main process checked
+                wf.check_particles(ds["star"], n_shards=pre["n_shards"], ctf=ctf, box_size=pre["box_size"])
+    except InputError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def runs():
+    return [(d, p) for d in config["datasets"] for p in config["parameter_sets"]]
+
+
+def shards():
+    return range(1, config["preprocess"]["n_shards"] + 1)
+
+
+def itname(i):
+    return f"{int(i):03d}"
+
+
+def input_star(wc):
+    ds = config["datasets"][wc.dataset]
+    return ds["star"] if "star" in ds else SIMULATED.format(dataset=wc.dataset)
+
+
+def final_iteration(dataset, pset):
+    """F: `iterations`, or, until converged, the first iteration whose model.json says final."""
+    refine = run_config(pset)["refine"]
+    if not refine["until_converged"]:
+        return refine["iterations"]
+    for i in range(1, refine["max_iterations"] + 1):
+        model = checkpoints.model_update.get(dataset=dataset, pset=pset, it=itname(i)).output.model
+        if json.loads(Path(model).read_text())["final"]:
+            return i
+    raise WorkflowError(f"run {dataset}, {pset}: no final iteration within refine.max_iterations")
+
+
+def final_it(wc):
+    return itname(final_iteration(wc.dataset, wc.pset))
+
+
+# ---------------------------------------------------------------- params
+def simulate_opts(wc):
+    return config["datasets"][wc.dataset]["simulate"]
+
+
+def preprocess_opts(wc):
+    return {**config["preprocess"], "compression": config["store"]}
+
+
+def expectation_opts(wc):
+    rc = run_config(wc.pset)
+    opts = {"pad": rc["reconstruct"]["pad"], "maxres_A": rc["reconstruct"]["maxres_A"],
+            "ctf": rc["refine"]["ctf"], "precision": rc["refine"]["precision"], "compression": rc["store"]}
+    if int(wc.it) == 1:
+        opts["first"] = wf.first_iteration(rc["refine"])
+    return opts
+
+
+def merge_opts(wc):
+    rc = run_config(wc.pset)
+    return {"symmetry": rc["reconstruct"]["symmetry"], "compression": rc["store"]}
+
+
+def model_opts(wc):
+    rc = run_config(wc.pset)
+    return {"maxres_A": rc["reconstruct"]["maxres_A"], "tau2_fudge": rc["reconstruct"]["tau2_fudge"],
+            **wf.iteration_schedule(rc["refine"], int(wc.it))}
+
+
+def reconstruct_opts(wc):
+    rc = run_config(wc.pset)
+    return {"tau2_fudge": rc["reconstruct"]["tau2_fudge"],
+            "gridding_iterations": rc["reconstruct"]["gridding_iterations"], "compression": rc["store"]}
+
+
+def postprocess_opts(wc):
+    return run_config(wc.pset)["postprocess"]
+
+
+# ---------------------------------------------------------------- inputs
+def expectation_inputs(wc):
+    inputs = {"store": STORE.format(dataset=wc.dataset)}
+    it = int(wc.it)
+    if it > 1:
+        prev = IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(it - 1))
+        inputs.update(poses=join(prev, f"poses_half{wc.half}_shard{wc.shard}.h5"), model=join(prev, "model.json"),
+                      reference=join(prev, f"half{wc.half}.h5"))
+    return inputs
+
+
+def model_inputs(wc):
+    it = int(wc.it)
+    base = IT.format(dataset=wc.dataset, pset=wc.pset, it=wc.it)
+    inputs = {"sums1": join(base, "sums_half1.h5"), "sums2": join(base, "sums_half2.h5")}
+    if it > 1:
+        inputs["prev"] = join(IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(it - 1)), "model.json")
+    return inputs
+
+
+def final_inputs(wc):
+    base = IT.format(dataset=wc.dataset, pset=wc.pset, it=final_it(wc))
+    return {"sums1": join(base, "sums_half1.h5"), "sums2": join(base, "sums_half2.h5"), "model": join(base, "model.json")}
+
+
+def final_poses(wc):
+    base = IT.format(dataset=wc.dataset, pset=wc.pset, it=final_it(wc))
+    return [join(base, f"poses_half{h}_shard{s}.h5") for h in (1, 2) for s in shards()]
+
+
+def summary_inputs(wc):
+    f = final_iteration(wc.dataset, wc.pset)
+    run = RUN.format(dataset=wc.dataset, pset=wc.pset)
+    its = [IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(i)) for i in range(1, f + 1)]
+    inputs = {
+        "models": [join(b, "model.json") for b in its],
+        "postprocess": join(run, "postprocess/postprocess.json"),
+        "final_map": join(run, "final/run_class001.mrc"),
+        "run_data": join(run, "final/run_data.star"),
+        "particles": STORE.format(dataset=wc.dataset),
+        "sums": [join(b, f"sums_half{h}_shard{s}.h5") for b in its for h in (1, 2) for s in shards()]
+        + [join(b, f"sums_half{h}.h5") for b in its for h in (1, 2)],
+        "volumes": [join(b, f"half{h}.h5") for b in its[:-1] for h in (1, 2)],
+        "poses": [join(b, f"poses_half{h}_shard{s}.h5") for b in its for h in (1, 2) for s in shards()],
+    }
+    if "simulate" in config["datasets"][wc.dataset]:
+        inputs["phantom"] = PHANTOM.format(dataset=wc.dataset)
+    return inputs
+
+
+def run_targets(dataset, pset):
+    run = RUN.format(dataset=dataset, pset=pset)
+    final = ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc",
+             "run_model.star", "run_data.star", "angdist.png")
+    post = ("postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "postprocess_fsc.png")
+    return ([join(run, "final", name) for name in final] + [join(run, "postprocess", name) for name in post]
+            + [join(run, "summary.json")])
+
+
+def final_outputs():
+    out = [join(RESULTS, "summary.tsv"), join(RESULTS, "summary.md")]
+    for dataset, pset in runs():
+        out += run_targets(dataset, pset)
+    return out

@@ -1,0 +1,7 @@
+# Snakemake script: gold-standard FSC of the two halves' sums and the iteration schedule.
+from omlrelion.pipeline import logs, workflow
+
+logs.setup_logging(snakemake.log[0])
+workflow.model_update(snakemake.input.sums1, snakemake.input.sums2, snakemake.output.model,
+                      iteration=int(snakemake.wildcards.it), opts=dict(snakemake.params.opts),
+                      prev_model=snakemake.input.get("prev"))
