@@ -113,14 +113,29 @@ def final_it(wc):
 
 
 # ---------------------------------------------------------------- params
+# Snakemake compares params by their text, so every dict is sorted: reordering keys in the
+# config file must not rerun anything.
+def canonical(value):
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    return value
+
+
+def sorted_params(func):
+    return lambda wc: canonical(func(wc))
+
+
+@sorted_params
 def simulate_opts(wc):
     return config["datasets"][wc.dataset]["simulate"]
 
 
+@sorted_params
 def preprocess_opts(wc):
     return {**config["preprocess"], "compression": config["store"]}
 
 
+@sorted_params
 def expectation_opts(wc):
     rc = run_config(wc.pset)
     opts = {"pad": rc["reconstruct"]["pad"], "maxres_A": rc["reconstruct"]["maxres_A"],
@@ -130,23 +145,27 @@ def expectation_opts(wc):
     return opts
 
 
+@sorted_params
 def merge_opts(wc):
     rc = run_config(wc.pset)
     return {"symmetry": rc["reconstruct"]["symmetry"], "compression": rc["store"]}
 
 
+@sorted_params
 def model_opts(wc):
     rc = run_config(wc.pset)
     return {"maxres_A": rc["reconstruct"]["maxres_A"], "tau2_fudge": rc["reconstruct"]["tau2_fudge"],
             **wf.iteration_schedule(rc["refine"], int(wc.it))}
 
 
+@sorted_params
 def reconstruct_opts(wc):
     rc = run_config(wc.pset)
     return {"tau2_fudge": rc["reconstruct"]["tau2_fudge"],
             "gridding_iterations": rc["reconstruct"]["gridding_iterations"], "compression": rc["store"]}
 
 
+@sorted_params
 def postprocess_opts(wc):
     return run_config(wc.pset)["postprocess"]
 

@@ -7,7 +7,7 @@ rule run_summary:
     output:
         json=join(RUN, "summary.json"),
     params:
-        overrides=lambda wc: config["parameter_sets"][wc.pset],
+        overrides=lambda wc: canonical(config["parameter_sets"][wc.pset]),
         benchmarks=[join(RUN, "benchmarks"), join(DATA, "benchmarks")],
     log:
         join(RUN, "logs/run_summary.log"),

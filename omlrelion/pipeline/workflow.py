@@ -608,7 +608,7 @@ def _randomise_phases(volume: np.ndarray, from_shell: int, rng) -> np.ndarray:
     f = np.fft.rfftn(volume)
     sel = _shells(volume.shape[0]) > from_shell
     f[sel] = np.abs(f[sel]) * np.exp(2j * np.pi * rng.random(int(sel.sum())))
-    return np.fft.irfftn(f, s=volume.shape)
+    return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
 
 
 def _guinier(volume: np.ndarray, angpix: float):
@@ -635,7 +635,7 @@ def _filter(volume, angpix: float, *, bfactor: float, fsc_weight, resolution_A: 
     cut = n * angpix / resolution_A if math.isfinite(resolution_A) else n / 2
     lowpass = 0.5 + 0.5 * np.cos(np.pi * np.clip((r - cut + edge_shells / 2) / edge_shells, 0, 1))
     f *= np.exp(-bfactor * s2 / 4) * np.asarray(fsc_weight)[shell] * lowpass
-    return np.fft.irfftn(f, s=volume.shape).astype(np.float32)
+    return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def postprocess(half1, half2, outputs: dict, *, opts: dict) -> dict:

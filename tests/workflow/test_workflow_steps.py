@@ -1,0 +1,191 @@
+"""The functions behind the workflow's rules, on small simulated data (no Snakemake)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from omlrelion.errors import InputError
+from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.io import h5
+from omlrelion.io.star import read_particles, read_star_table, write_star
+from omlrelion.pipeline import workflow as wf
+from omlrelion.pipeline.simulate import SimulateParams, simulate
+from omlrelion.reconstruct.fsc import fsc
+
+PRE = {"box_size": None, "normalise": True, "bg_radius_px": None, "remove_ramp": True, "invert_contrast": False,
+       "n_shards": 2, "seed": 0, "compression": {"codec": "zstd", "level": 5, "shuffle": "byte"}}
+COMPRESSION = {"codec": "zstd", "level": 5, "shuffle": "byte"}
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sim")
+    simulate("phantom", folder / "particles", SimulateParams(n_particles=120, box_size=24, angpix=3.0, snr=1.0,
+                                                             shift_max_px=1.0), seed=5)
+    return folder / "particles.star"
+
+
+def test_preprocess_store(sim, tmp_path):
+    wf.preprocess(sim, tmp_path / "p.h5", opts={**PRE, "box_size": 16, "invert_contrast": True, "n_shards": 3})
+    particles = read_particles(sim)
+    with h5.ParticleStore(tmp_path / "p.h5") as store:
+        assert (store.n_particles, store.box_size, store.angpix) == (120, 16, 4.5)
+        images = store.read_images(np.arange(120))
+        half, shard = store.column("half"), store.column("shard")
+        np.testing.assert_array_equal(half, particles.random_subset)  # the STAR file's halves are kept
+        for h in (1, 2):
+            assert sorted(np.bincount(shard[half == h])[1:]) == [20, 20, 20]
+        np.testing.assert_allclose(store.column("shifts_px"), particles.shifts_px * 16 / 24)
+        np.testing.assert_array_equal(store.column("eulers_deg"), particles.eulers_deg)
+    y, x = np.mgrid[:16, :16] - 8
+    bg = images[:, x * x + y * y > 6**2]
+    np.testing.assert_allclose(bg.mean(axis=1), 0, atol=1e-5)
+    np.testing.assert_allclose(bg.std(axis=1), 1, atol=1e-4)
+
+
+def test_fourier_crop_keeps_centre_and_mean(rng):
+    y, x = np.mgrid[:32, :32] - 16
+    image = np.exp(-(x * x + y * y) / 20.0)[None].astype(np.float32)
+    small = wf._fourier_crop(image, 16)
+    assert small.shape == (1, 16, 16)
+    assert np.unravel_index(np.argmax(small[0]), (16, 16)) == (8, 8)
+    assert small.mean() == pytest.approx(image.mean(), rel=1e-5)
+
+
+def test_random_halves_when_absent_and_mixed_subsets_refused(sim, tmp_path):
+    particles = read_particles(sim)
+    optics, table = particles.optics_table, particles.table.drop(columns=["rlnRandomSubset"])
+    write_star(tmp_path / "nohalves.star", {"optics": optics, "particles": table})
+    (tmp_path / "particles.mrcs").symlink_to(sim.with_suffix(".mrcs"))
+    wf.preprocess(tmp_path / "nohalves.star", tmp_path / "p.h5", opts=PRE)
+    with h5.ParticleStore(tmp_path / "p.h5") as store:
+        counts = np.bincount(store.column("half"))[1:]
+    assert counts.sum() == 120 and min(counts) > 40
+    table["rlnRandomSubset"] = [1] * 60 + [0] * 60
+    write_star(tmp_path / "mixed.star", {"optics": optics, "particles": table})
+    with pytest.raises(InputError, match="mixed.star.*some particles only"):
+        wf.preprocess(tmp_path / "mixed.star", tmp_path / "q.h5", opts=PRE)
+
+
+def test_input_checks_name_key_and_file(sim, tmp_path):
+    assert wf.check_particles(sim, n_shards=2, ctf=True) == 120
+    with pytest.raises(InputError, match="preprocess.n_shards = 61 .*60"):
+        wf.check_particles(sim, n_shards=61, ctf=True)
+    with pytest.raises(InputError, match="preprocess.box_size = 32 "):
+        wf.check_particles(sim, n_shards=2, ctf=True, box_size=32)
+    particles = read_particles(sim)
+    optics, table = particles.optics_table, particles.table
+    table.loc[5, "rlnImageName"] = "000500@particles.mrcs"
+    (tmp_path / "particles.mrcs").symlink_to(sim.with_suffix(".mrcs"))
+    write_star(tmp_path / "bad.star", {"optics": optics, "particles": table})
+    with pytest.raises(InputError, match=r"bad.star: image 500@.*out of range"):
+        wf.check_particles(tmp_path / "bad.star", n_shards=2, ctf=True)
+    table.loc[5, "rlnImageName"] = "000001@missing.mrcs"
+    write_star(tmp_path / "bad2.star", {"optics": optics, "particles": table})
+    with pytest.raises(InputError, match="bad2.star: row 6: image stack 'missing.mrcs' not found"):
+        wf.check_particles(tmp_path / "bad2.star", n_shards=2, ctf=True)
+    with pytest.raises(InputError, match="preprocess.n_shards = 400 .*dataset demo"):
+        wf.check_shards(400, 600, "dataset demo")
+
+
+def _iteration(store, folder, it, opts, model_in=None, reference=None):
+    for half in (1, 2):
+        shards = []
+        for shard in (1, 2):
+            kw = {}
+            if it > 1:
+                kw = {"poses_in": folder / f"it{it - 1}_poses_{half}_{shard}.h5", "model_in": model_in,
+                      "reference": reference[half]}
+            wf.expectation_shard(store, folder / f"it{it}_sums_{half}_{shard}.h5", folder / f"it{it}_poses_{half}_{shard}.h5",
+                                 half=half, shard=shard, iteration=it, opts=opts, **kw)
+            shards.append(folder / f"it{it}_sums_{half}_{shard}.h5")
+        wf.merge_sums(shards, folder / f"it{it}_sums_{half}.h5", half=half, iteration=it,
+                      opts={"symmetry": "C1", "compression": COMPRESSION})
+
+
+def test_two_iterations_schedule_scores_and_fsc(sim, tmp_path):
+    store = tmp_path / "p.h5"
+    wf.preprocess(sim, store, opts=PRE)
+    schedule = {"iterations": 2, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 20.0,
+                "incr_size": 4}
+    opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "single", "compression": COMPRESSION,
+            "first": wf.first_iteration(schedule)}
+    _iteration(store, tmp_path, 1, opts)
+    m1 = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
+                         opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 1)})
+    assert m1["r_max"] == 4 and not m1["final"] and m1["next_is_final"] and m1["next_r_max"] == 12
+    assert all(v == 0 for v in m1["fsc"][5:])  # nothing back-projected beyond r_max
+    rec = {"tau2_fudge": 1.0, "gridding_iterations": 0, "compression": COMPRESSION}
+    refs = {}
+    for half in (1, 2):
+        refs[half] = tmp_path / f"half{half}.h5"
+        wf.reconstruct_half(tmp_path / f"it1_sums_{half}.h5", tmp_path / "m1.json", refs[half],
+                            tmp_path / f"run_it001_half{half}_class001.mrc", tmp_path / f"h{half}_model.star",
+                            half=half, iteration=1, opts=rec)
+    opts.pop("first")
+    _iteration(store, tmp_path, 2, opts, model_in=tmp_path / "m1.json", reference=refs)
+    poses, attrs = h5.read_table(tmp_path / "it2_poses_1_1.h5")
+    assert attrs["iteration"] == 2 and np.isfinite(poses["score"]).all() and poses["score"].mean() > 0.05
+    first, _ = h5.read_table(tmp_path / "it1_poses_1_1.h5")
+    np.testing.assert_array_equal(first["eulers_deg"], poses["eulers_deg"])  # poses kept: no pose search yet
+    assert np.isnan(first["score"]).all()
+    m2 = wf.model_update(tmp_path / "it2_sums_1.h5", tmp_path / "it2_sums_2.h5", tmp_path / "m2.json", iteration=2,
+                         opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 2)},
+                         prev_model=tmp_path / "m1.json")
+    assert m2["final"] and m2["r_max"] == 12 and m2["next_r_max"] is None
+    assert json.loads((tmp_path / "m2.json").read_text())["resolution_0143_A"] < m1["resolution_0143_A"] + 1e-9
+
+    table = read_star_table(tmp_path / "h1_model.star", block="model_class_1")
+    assert len(table) == 13 and (table["rlnReferenceTau2"].to_numpy()[:5] > 0).all()
+
+
+def test_fsc_from_sums_known_answers(rng):
+    grid = PaddedGrid(16, 2.0, 6)
+    data = (rng.standard_normal(grid.shape) + 1j * rng.standard_normal(grid.shape)).astype(np.complex64)
+    weight = rng.random(grid.shape).astype(np.float32) + 0.5
+    same = wf.fsc_from_sums(data, weight, data.copy(), weight.copy(), grid=grid)
+    np.testing.assert_allclose(same[:7], 1.0, atol=1e-12)
+    assert (same[7:] == 0).all() and len(same) == 9
+    other = (rng.standard_normal(grid.shape) + 1j * rng.standard_normal(grid.shape)).astype(np.complex64)
+    noise = wf.fsc_from_sums(data, weight, other, weight, grid=grid)
+    assert noise[0] == 1.0 and np.abs(noise[2:7]).max() < 0.35
+
+
+def test_resolution_shell_rules():
+    curve = np.array([1, 1, 0.9, 0.8, 0.7, 0.6, 0.55, 0.52, 0.3, 0.1, 0, 0, 0, 0])
+    assert wf.resolution_shell(curve) == 7
+    assert wf.resolution_shell(np.array([1, 0.9, 0.2, 0, 0, 0, 0, 0])) == wf.MINRES_MAP  # floored
+    dip = curve.copy()
+    dip[12] = 0.8  # SSNR > 1 again further than r* + 3: RELION jumps there
+    assert wf.resolution_shell(dip) == 12
+
+
+def test_schedule_parameters():
+    fixed = {"iterations": 3, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 10.0, "incr_size": 5}
+    assert wf.first_iteration(fixed) == {"initial_resolution_A": 10.0, "final": False}
+    assert wf.first_iteration({**fixed, "iterations": 1})["final"]
+    assert wf.iteration_schedule(fixed, 2) == {"mode": "fixed", "next_is_final": True}
+    assert wf.iteration_schedule(fixed, 1)["first_is_final"] is False
+    conv = {**fixed, "until_converged": True, "max_iterations": 4}
+    assert wf.iteration_schedule(conv, 3) == {"mode": "converge", "last_allowed": True}
+
+
+def test_postprocess_on_noisy_halves(tmp_path, rng):
+    from omlrelion.io.mrc import write_map
+    from omlrelion.pipeline.phantom import phantom_volume
+
+    truth = phantom_volume(32, 3.0, 1)
+    for h in (1, 2):
+        write_map(tmp_path / f"h{h}.mrc", truth + 0.05 * rng.standard_normal(truth.shape).astype(np.float32), 3.0)
+    outputs = {k: tmp_path / f"{k}.{ext}" for k, ext in (("map", "mrc"), ("masked_map", "mrc"), ("star", "star"),
+                                                          ("json", "json"), ("fsc_png", "png"), ("guinier_png", "png"),
+                                                          ("slices_png", "png"))}
+    opts = {"mask_diameter_A": None, "mask_edge_px": 4, "randomise_at_fsc": 0.8, "bfactor": None, "fit_low_A": 30.0,
+            "seed": 0}
+    out = wf.postprocess(tmp_path / "h1.mrc", tmp_path / "h2.mrc", outputs, opts=opts)
+    curve = fsc(truth.astype(np.float64), truth + 0.05 * rng.standard_normal(truth.shape))
+    assert 6.0 <= out["resolution_A"] <= 12.0 and out["bfactor"] < 0
+    assert np.isfinite(curve).all() and all(p.is_file() for p in outputs.values())
