@@ -36,6 +36,7 @@ from omlrelion.units import r_max_for_resolution
 log = logging.getLogger(__name__)
 
 MIN_BOX_SIZE = 8
+READ_AHEAD = 4
 
 
 @dataclass
@@ -122,8 +123,6 @@ def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: 
     def read(idx):
         t = time.perf_counter()
         path = particles.image_stacks[idx[0]]
-        if path not in stacks:
-            stacks[path] = ImageStack(path)
         stack = stacks[path]
         if stack.box_size != particles.optics[particles.optics_group[idx[0]]].box_size:
             raise InputError(f"{path}: images are {stack.box_size} px but the STAR file's optics group "
@@ -134,18 +133,24 @@ def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: 
     batches = list(_batches(particles, batch_size))
     bar = progress(particles.n_particles, "back-projecting", show_progress)
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, batches[0])
+        for path in dict.fromkeys(particles.image_stacks[idx[0]] for idx in batches):   # before the readers
+            stacks[path] = ImageStack(path)
+        # READ_AHEAD reader threads (copies from the memory-mapped stacks release the GIL) keep the
+        # device fed; batches are consumed in order, so the sums do not depend on thread timing
+        with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+            pending = [pool.submit(read, idx) for idx in batches[:READ_AHEAD]]
             for i, idx in enumerate(batches):
-                images, t_read = pending.result()
-                if i + 1 < len(batches):
-                    pending = pool.submit(read, batches[i + 1])
+                images, t_read = pending[i].result()
+                pending[i] = None
+                if i + READ_AHEAD < len(batches):
+                    pending.append(pool.submit(read, batches[i + READ_AHEAD]))
                 timings["read"] = timings.get("read", 0.0) + t_read
                 t = time.perf_counter()
                 optics = particles.optics[particles.optics_group[idx[0]]]
                 scale = angpix / optics.angpix * grid.box_size / optics.box_size
                 with device.use():
                     imgs = device.put(images.astype(real, copy=False))
+                    del images
                     rotations = euler_to_matrix(particles.eulers_deg[idx])
                     insert_particles(data, weight, imgs, rotations, particles.shifts_px[idx], optics,
                                      _ctf_params(particles, idx), mode=opts.ctf,
