@@ -33,7 +33,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--NN", dest="nn", action="store_true", help="nearest-neighbour insertion")
     p.add_argument("--fom_weighting", action="store_true", help="weight particles by rlnParticleFigureOfMerit")
     p.add_argument("--fsc", type=Path, default=None, help="STAR file with rlnSpectralIndex/rlnGoldStandardFsc: MAP term")
-    p.add_argument("--device", default="cpu", help="cpu, gpu, gpu:ID (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cpu:N (N simulated devices), gpu, gpu:ID[,ID...] or gpu:all (default: cpu)")
     p.add_argument("--precision", choices=("single", "double"), default=None,
                    help="arithmetic (default: double on the CPU, single on GPUs)")
     p.add_argument("--batch", type=int, default=None, help="particles per batch")
@@ -52,7 +53,7 @@ def main(args: argparse.Namespace) -> dict:
         subset=args.subset if args.subset in (1, 2) else None, skip_gridding=args.skip_gridding, nn=args.nn,
         fom_weighting=args.fom_weighting, fsc_path=args.fsc, precision=args.precision, batch_size=args.batch)
     devices = parse_device(args.device)
-    summary = reconstruct(args.input, args.output, opts, device=devices[0], json_path=args.json,
+    summary = reconstruct(args.input, args.output, opts, device=devices, json_path=args.json,
                           half_maps=args.half_maps, show_progress=not args.quiet, argv=sys.argv)
     if not args.quiet:
         t = summary["timings_s"]

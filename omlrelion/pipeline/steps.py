@@ -29,6 +29,7 @@ from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
 from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
+from omlrelion.reconstruct.distributed import reconstruct_map_distributed
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
 from omlrelion.units import r_max_for_resolution
@@ -166,9 +167,15 @@ def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: 
     return data, weight
 
 
-def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device = Device(),
+def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device | list[Device] = Device(),
                 json_path=None, half_maps=None, show_progress: bool = True, argv=None) -> dict:
-    """relion_reconstruct: particles STAR -> map MRC. Returns the summary (also written to json_path)."""
+    """relion_reconstruct: particles STAR -> map MRC. Returns the summary (also written to json_path).
+
+    `device` may be a list: the particles are back-projected on the first device and the
+    sums-to-map step is spread over all of them in slabs (`reconstruct.distributed`).
+    """
+    devices = list(device) if isinstance(device, (list, tuple)) else [device]
+    device = devices[0]
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out_path = Path(out_path)
@@ -202,12 +209,17 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
             tau2, _, _ = tau2_from_fsc(weight, fsc_curve, grid=grid, whole_data=True)
         device.synchronize()
         timings["symmetrise"] = time.perf_counter() - t
-        volume = reconstruct_map(data, weight, box_size=box_size, pad=grid.pad, r_max=grid.r_max,
-                                 n_iter=opts.n_iter, skip_gridding=opts.skip_gridding, tau2=tau2,
-                                 nn_linear_correction=False, timings=timings)
+        if len(devices) == 1:
+            volume = reconstruct_map(data, weight, box_size=box_size, pad=grid.pad, r_max=grid.r_max,
+                                     n_iter=opts.n_iter, skip_gridding=opts.skip_gridding, tau2=tau2,
+                                     nn_linear_correction=False, timings=timings)
+        else:
+            volume = reconstruct_map_distributed(data, weight, devices=devices, box_size=box_size, pad=grid.pad,
+                                                 r_max=grid.r_max, n_iter=opts.n_iter,
+                                                 skip_gridding=opts.skip_gridding, tau2=tau2, timings=timings)
         del data, weight
         volume = to_numpy(volume).astype(np.float32)
-    memory = memory_report(device)
+    memory = [memory_report(d) for d in dict.fromkeys(devices)] if device.gpu is not None else [memory_report(device)]
     t = time.perf_counter()
     write_map(out_path, volume, angpix)
     timings["write"] = time.perf_counter() - t
@@ -220,9 +232,11 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
         "pad": grid.pad, "r_max": grid.r_max, "padded_size": grid.size, "final_size": grid.final_size,
         "gridding_iterations": 0 if opts.skip_gridding else opts.n_iter, "symmetry": opts.sym.upper(),
         "ctf": opts.ctf.apply, "precision": precision,
-        "device": {"spec": "cpu" if device.gpu is None else f"gpu:{device.gpu}", "name": device.name},
-        "plan": {"devices": 1, "fft_size": grid.size, "layout": "dense, single device"},
-        "peak_memory": [memory],
+        "device": {"spec": (f"cpu:{len(devices)}" if len(devices) > 1 else "cpu") if device.gpu is None
+                   else "gpu:" + ",".join(str(d.gpu) for d in devices), "name": device.name},
+        "plan": {"devices": len(devices), "fft_size": grid.size,
+                 "layout": "dense, single device" if len(devices) == 1 else "z/y slabs, contiguous"},
+        "peak_memory": memory,
         "host": platform.node(), "python": sys.version.split()[0],
         "timings_s": timings,
     }

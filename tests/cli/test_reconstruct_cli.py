@@ -108,3 +108,14 @@ def test_bad_options(small_set, capsys, argv, fragment):
     starfile.write(blocks, small_set / "particles.star", overwrite=True)
     _expect_error(capsys, small_set, ["reconstruct", "--i", str(small_set / "particles.star"),
                                       "--o", str(small_set / "m.mrc"), *argv], fragment)
+
+
+def test_simulated_devices_give_the_single_device_map(small_set):
+    star = str(small_set / "particles.star")
+    assert run(["reconstruct", "--i", star, "--o", str(small_set / "one.mrc"), "--ctf", "--quiet"]) == 0
+    assert run(["reconstruct", "--i", star, "--o", str(small_set / "three.mrc"), "--ctf", "--quiet",
+                "--device", "cpu:3", "--json", str(small_set / "three.json")]) == 0
+    one = mrcfile.read(small_set / "one.mrc").astype(np.float64)
+    three = mrcfile.read(small_set / "three.mrc").astype(np.float64)
+    assert np.linalg.norm(three - one) / np.linalg.norm(one) < 1e-6      # float32 files
+    assert json.loads((small_set / "three.json").read_text())["plan"]["devices"] == 3
