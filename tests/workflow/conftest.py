@@ -49,6 +49,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="no SLURM cluster up (start tests/workflow/slurm_cluster.sh)"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """config/test.yaml run locally with --cores 2: (folder, CompletedProcess)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    return folder, snakemake(folder, "--cores", "2", "--configfile", str(TEST_CONFIG))
+
+
 def snakemake(cwd: Path, *args: str, timeout: int = 600, env: dict | None = None, check: bool = True):
     """Run `python -m snakemake -s workflow/Snakefile ARGS` in `cwd`; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]

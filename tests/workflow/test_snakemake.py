@@ -107,13 +107,6 @@ def test_dry_run_and_lint(tmp_path, config):
 
 
 # ---------------------------------------------------------------- end to end (config/test.yaml)
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    proc = snakemake(folder, "--cores", "2", "--configfile", str(TEST_CONFIG))
-    return folder, proc
-
-
 def test_outputs(tiny_run):
     folder, proc = tiny_run
     run = folder / RUN
@@ -200,3 +193,11 @@ def test_sweep_two_datasets_two_parameter_sets(tmp_path):
     assert (tmp_path / "results/summary.md").read_text().count("\n| phantom") == 4
     again = snakemake(tmp_path, "--cores", "2", "--configfile", str(tmp_path / "config.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_report(tiny_run):
+    folder, _ = tiny_run
+    snakemake(folder, "--report", "report.html", "--configfile", str(TEST_CONFIG))
+    html = (folder / "report.html").read_text(errors="ignore")
+    for name in ("postprocess_fsc.png", "central_slices.png", "angdist.png", "summary.md"):
+        assert name in html, name
