@@ -19,20 +19,9 @@ from omlrelion.backend import parse_device
 from omlrelion.ctf.ctf import CtfParams
 from omlrelion.ctf.optics import Optics
 from omlrelion.geometry.euler import euler_to_matrix
-from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.geometry.grids import PaddedGrid, fft_friendly_size
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
-
-
-def friendly(n: int) -> int:
-    while True:
-        m = n
-        for p in (2, 3, 5, 7):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
 
 
 def _timed(fn, sync, repeat=3):
@@ -74,7 +63,7 @@ def main(argv=None):
 
             t_pair = _timed(pair, sync)
             del vol
-            fsize = friendly(size)
+            fsize = fft_friendly_size(size)
             volf = xp.zeros((fsize, fsize, fsize), dtype=real)
             t_pair_f = _timed(lambda: pair(volf, fsize), sync)
             del volf

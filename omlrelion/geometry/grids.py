@@ -79,3 +79,16 @@ class PaddedGrid:
         """Even side Q of the final inverse FFT: round(pad * N), made even."""
         q = relion_round(self.pad * self.box_size)
         return q + q % 2
+
+
+def fft_friendly_size(n: int, primes=(2, 3, 5, 7)) -> int:
+    """The smallest m >= n whose prime factors are all in `primes` (fast cuFFT/pocketfft sizes)."""
+    m = max(1, n)
+    while True:
+        rest = m
+        for p in primes:
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return m
+        m += 1

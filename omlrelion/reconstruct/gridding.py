@@ -22,7 +22,7 @@ import numpy as np
 
 from omlrelion.backend import get_xp
 from omlrelion.fourier.layout import centre_by_sign, decentre, radius2_ft, window_ft
-from omlrelion.geometry.grids import PaddedGrid, radial_distance
+from omlrelion.geometry.grids import PaddedGrid, radial_distance, signed_freqs
 from omlrelion.units import relion_round
 
 BLOB_RADIUS = 1.9
@@ -69,7 +69,7 @@ def blob_table(*, radius: float = 2 * BLOB_RADIUS, alpha: float = BLOB_ALPHA, or
         0.0, radius=radius, alpha=alpha, order=order)
 
 
-def blob_real_space(size: int, box_size: int, pad: float, xp, dtype):
+def blob_real_space(size: int, box_size: int, pad: float, xp, dtype, *, scale: float = 1.0):
     """T(|r| / (N pad)) on the (size,)^3 real grid of the gridding FFT (floor lookup, 0 past 0.5).
 
     Separable in nothing, so it is built from |r|^2 = rz^2 + ry^2 + rx^2 with RELION's signed index
@@ -78,7 +78,7 @@ def blob_real_space(size: int, box_size: int, pad: float, xp, dtype):
     table = xp.asarray(blob_table(), dtype=dtype)
     i = xp.arange(size)
     r = xp.where(i < size // 2, i, i - size).astype(xp.float64)
-    rho = xp.sqrt(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) / (box_size * pad)
+    rho = xp.sqrt(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) * (scale / (box_size * pad))
     idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
     inside = idx < _BLOB_TABLE_SIZE
     return xp.where(inside, table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0).astype(dtype)
@@ -107,33 +107,63 @@ def add_map_term(weight_ft, tau2, *, grid: PaddedGrid, tau2_fudge: float = 1.0, 
     weight_ft += xp.where(inside, add, 0.0).astype(weight_ft.dtype)
 
 
-def gridding_weights(weight_ft, *, grid: PaddedGrid, n_iter: int, work_dtype=None):
+def gridding_weights(weight_ft, *, grid: PaddedGrid, n_iter: int, work_dtype=None, fft_size: int | None = None):
     """Iterative gridding: the density-compensation weights Wn (FFTW layout, half grid).
 
     weight_ft : real (P, P, P//2+1) FFTW layout (already decentred, MAP term added).
-    Returns Wn of the same shape, dtype `work_dtype` (default: the weight's dtype). On GPUs the
-    elementwise steps run as fused kernels (no mask or blob arrays are stored); the NumPy path is
-    the reference they are tested against.
+    fft_size : run the loop's FFTs on this (larger, FFT-friendly) side instead of RELION's P; the
+        weights are embedded at the same frequencies and the blob is sampled at the same physical
+        positions (|r| P / fft_size), so the convolution kernel is the same function.
+    Returns Wn of the same shape as weight_ft, dtype `work_dtype` (default: the weight's dtype). On
+    GPUs the elementwise steps run as fused kernels (no mask or blob arrays are stored); the NumPy
+    path is the reference they are tested against.
     """
     xp = get_xp(weight_ft)
     dtype = np.dtype(work_dtype or weight_ft.dtype)
     size = grid.size
-    fw = weight_ft.astype(dtype, copy=False)
+    n = fft_size or size
+    if n < size:
+        raise ValueError(f"fft_size {n} is smaller than the padded grid {size}")
+    fw = embed_ft(weight_ft.astype(dtype, copy=False), n)
+    blob_scale = size / n
     if xp is not np:
-        return _gridding_weights_cuda(fw, grid, n_iter, dtype)
-    inside = radius2_ft(size, xp) < grid.r2_sphere
-    wn = inside.astype(dtype)
-    blob = blob_real_space(size, grid.box_size, grid.pad, xp, dtype)
-    for _ in range(n_iter):
-        m = xp.fft.irfftn(wn * fw, s=(size, size, size), axes=(0, 1, 2), norm="forward")
-        m *= blob
-        conv = xp.fft.rfftn(m, norm="forward")
-        del m
-        wn = xp.where(inside, wn / xp.maximum(xp.abs(conv), 1e-6), wn)
-        del conv
-        if dtype == np.float32:
-            wn = xp.minimum(wn, 1e20)
-    return wn
+        wn = _gridding_weights_cuda(fw, grid, n_iter, dtype, n, blob_scale)
+    else:
+        inside = radius2_ft(n, xp) < grid.r2_sphere
+        wn = inside.astype(dtype)
+        blob = blob_real_space(n, grid.box_size, grid.pad, xp, dtype, scale=blob_scale)
+        for _ in range(n_iter):
+            m = xp.fft.irfftn(wn * fw, s=(n, n, n), axes=(0, 1, 2), norm="forward")
+            m *= blob
+            conv = xp.fft.rfftn(m, norm="forward")
+            del m
+            wn = xp.where(inside, wn / xp.maximum(xp.abs(conv), 1e-6), wn)
+            del conv
+            if dtype == np.float32:
+                wn = xp.minimum(wn, 1e20)
+    return extract_ft(wn, size)
+
+
+def embed_ft(a_ft, n: int):
+    """Corner-layout half grid of odd side m -> side n >= m, same signed frequencies, zeros elsewhere."""
+    m = a_ft.shape[0]
+    if n == m:
+        return a_ft
+    xp = get_xp(a_ft)
+    out = xp.zeros((n, n, n // 2 + 1), dtype=a_ft.dtype)
+    rows = xp.asarray(signed_freqs(m, np) % n)
+    out[rows[:, None], rows[None, :], : a_ft.shape[2]] = a_ft
+    return out
+
+
+def extract_ft(a_ft, m: int):
+    """Inverse of `embed_ft`: the side-m rows and columns of a side-n corner-layout half grid."""
+    n = a_ft.shape[0]
+    if n == m:
+        return a_ft
+    xp = get_xp(a_ft)
+    rows = xp.asarray(signed_freqs(m, np) % n)
+    return a_ft[rows[:, None], rows[None, :], : m // 2 + 1]
 
 
 _CUDA_KERNELS: dict = {}
@@ -176,11 +206,11 @@ def _cuda_kernels():
     return _CUDA_KERNELS
 
 
-def _gridding_weights_cuda(fw, grid: PaddedGrid, n_iter: int, dtype):
+def _gridding_weights_cuda(fw, grid: PaddedGrid, n_iter: int, dtype, size: int, blob_scale: float):
     import cupy as cp
 
     k = _cuda_kernels()
-    size, half = grid.size, grid.half
+    half = size // 2 + 1
     cdtype = np.result_type(dtype, np.complex64)
     table = cp.asarray(blob_table(), dtype=dtype)
     clamp = 1e20 if dtype == np.float32 else np.inf
@@ -190,7 +220,7 @@ def _gridding_weights_cuda(fw, grid: PaddedGrid, n_iter: int, dtype):
     for _ in range(n_iter):
         k["product"](wn, fw, conv)
         m = cp.fft.irfftn(conv, s=(size, size, size), axes=(0, 1, 2), norm="forward")
-        k["blob"](table, np.int32(size), np.float64(1.0 / (grid.box_size * grid.pad)), m)
+        k["blob"](table, np.int32(size), np.float64(blob_scale / (grid.box_size * grid.pad)), m)
         conv = cp.fft.rfftn(m, norm="forward")
         del m
         k["update"](conv, np.int32(size), np.int32(half), np.int64(grid.r2_sphere), np.float64(clamp), wn)
@@ -240,7 +270,8 @@ def grid_correct(volume, *, pad: float, nn_linear: bool = False):
 
 def reconstruct_map(data_ftc, weight_ftc, *, box_size: int, pad: float = 2.0, r_max: int | None = None,
                     n_iter: int = 10, skip_gridding: bool = False, tau2=None, tau2_fudge: float = 1.0,
-                    minres_map: int = -1, nn_linear_correction: bool = False, timings=None):
+                    minres_map: int = -1, nn_linear_correction: bool = False, fft_size: int | None = None,
+                    timings=None):
     """Padded Fourier sums -> (N, N, N) real map, exactly as RELION 3.1's reconstruct().
 
     Parameters
@@ -251,6 +282,7 @@ def reconstruct_map(data_ftc, weight_ftc, *, box_size: int, pad: float = 2.0, r_
     r_max : outermost radius in unpadded Fourier pixels (default N//2).
     n_iter : gridding iterations (RELION 3.x default 10); ignored with `skip_gridding`.
     tau2 : optional per-shell signal power (MAP term), indexed by round(|k|/pad).
+    fft_size : side of the gridding loop's FFTs (default RELION's odd P; see `gridding_weights`).
     timings : optional dict that receives seconds per stage.
 
     Returns
@@ -272,7 +304,7 @@ def reconstruct_map(data_ftc, weight_ftc, *, box_size: int, pad: float = 2.0, r_
     if skip_gridding or n_iter <= 0:
         wn = floor_division_weights(fw, grid=grid)
     else:
-        wn = gridding_weights(fw, grid=grid, n_iter=n_iter)
+        wn = gridding_weights(fw, grid=grid, n_iter=n_iter, fft_size=fft_size)
     del fw
     fconv = decentre(data_ftc, grid.r2_sphere)
     fconv *= wn.astype(real, copy=False)
