@@ -132,3 +132,23 @@ def memory_report(device: Device) -> dict:
         free, total = cp.cuda.runtime.memGetInfo()
         return {"pool_bytes": int(cp.get_default_memory_pool().total_bytes()),
                 "driver_used_bytes": int(total - free), "total_bytes": int(total)}
+
+
+class _HostFFT:
+    """scipy.fft with all host cores (numpy.fft's pocketfft runs on one); same call signatures."""
+
+    def __getattr__(self, name):
+        import os
+        from functools import partial
+
+        import scipy.fft
+
+        return partial(getattr(scipy.fft, name), workers=os.cpu_count() or 1)
+
+
+_HOST_FFT = _HostFFT()
+
+
+def fft_module(xp):
+    """The FFT namespace for arrays of backend `xp`: cupy.fft, or multi-threaded scipy.fft on the host."""
+    return _HOST_FFT if xp is np else xp.fft

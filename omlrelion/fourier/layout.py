@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from omlrelion.backend import get_xp
+from omlrelion.backend import fft_module, get_xp
 from omlrelion.geometry.grids import rfft_freqs, signed_freqs
 
 
@@ -43,13 +43,13 @@ def rfft2_centred(images):
     n must be even; float32 gives complex64 and float64 complex128 (NumPy >= 2 and CuPy alike).
     """
     xp = get_xp(images)
-    return centre_by_sign(xp.fft.rfft2(images, norm="forward"), 2)
+    return centre_by_sign(fft_module(xp).rfft2(images, norm="forward"), 2)
 
 
 def irfft2_centred(images_ft, n: int):
     """Inverse of `rfft2_centred` for even n: (..., n, n//2+1) -> (..., n, n) real."""
     xp = get_xp(images_ft)
-    return xp.fft.irfft2(centre_by_sign(images_ft, 2), s=(n, n), axes=(-2, -1), norm="forward")
+    return fft_module(xp).irfft2(centre_by_sign(images_ft, 2), s=(n, n), axes=(-2, -1), norm="forward")
 
 
 def shift_2d(images_ft, shifts_px):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from omlrelion.backend import get_xp, to_numpy
+from omlrelion.backend import fft_module, get_xp, to_numpy
 from omlrelion.fourier.layout import radius2_ft
 from omlrelion.geometry.grids import PaddedGrid
 
@@ -18,8 +18,8 @@ def fsc(map1, map2) -> np.ndarray:
     """(N//2 + 1,) float64 FSC of two (N, N, N) maps; FSC[0] is the DC term's correlation."""
     xp = get_xp(map1, map2)
     n = map1.shape[0]
-    f1 = xp.fft.rfftn(map1, norm="forward")
-    f2 = xp.fft.rfftn(map2, norm="forward")
+    f1 = fft_module(xp).rfftn(map1, norm="forward")
+    f2 = fft_module(xp).rfftn(map2, norm="forward")
     shell = xp.floor(xp.sqrt(radius2_ft(n, xp, xp.float64)) + 0.5).astype(xp.int64).ravel()
     keep = shell <= n // 2
     s = shell[keep]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from omlrelion.backend import get_xp
+from omlrelion.backend import fft_module, get_xp
 from omlrelion.fourier.layout import centre_by_sign, decentre, radius2_ft, window_ft
 from omlrelion.geometry.grids import PaddedGrid, radial_distance, signed_freqs
 from omlrelion.units import relion_round
@@ -133,9 +133,9 @@ def gridding_weights(weight_ft, *, grid: PaddedGrid, n_iter: int, work_dtype=Non
         wn = inside.astype(dtype)
         blob = blob_real_space(n, grid.box_size, grid.pad, xp, dtype, scale=blob_scale)
         for _ in range(n_iter):
-            m = xp.fft.irfftn(wn * fw, s=(n, n, n), axes=(0, 1, 2), norm="forward")
+            m = fft_module(xp).irfftn(wn * fw, s=(n, n, n), axes=(0, 1, 2), norm="forward")
             m *= blob
-            conv = xp.fft.rfftn(m, norm="forward")
+            conv = fft_module(xp).rfftn(m, norm="forward")
             del m
             wn = xp.where(inside, wn / xp.maximum(xp.abs(conv), 1e-6), wn)
             del conv
@@ -314,7 +314,7 @@ def reconstruct_map(data_ftc, weight_ftc, *, box_size: int, pad: float = 2.0, r_
     q = grid.final_size
     f2 = centre_by_sign(window_ft(fconv, q), 3)
     del fconv
-    v = xp.fft.irfftn(f2, s=(q, q, q), axes=(0, 1, 2), norm="forward")
+    v = fft_module(xp).irfftn(f2, s=(q, q, q), axes=(0, 1, 2), norm="forward")
     del f2
     lo = q // 2 - box_size // 2
     v = v[lo:lo + box_size, lo:lo + box_size, lo:lo + box_size].copy()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omlrelion.backend import Device
+from omlrelion.backend import Device, fft_module
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class SlabFFT:
         planes = []
         for dev, slab in zip(self.devices, real_slabs):
             with dev.use():
-                planes.append(dev.xp.fft.rfft2(slab, axes=(1, 2), norm="forward"))
+                planes.append(fft_module(dev.xp).rfft2(slab, axes=(1, 2), norm="forward"))
         out = []
         for h, dev in enumerate(self.devices):
             ysel = self.y_layout.selector(h)
@@ -99,7 +99,7 @@ class SlabFFT:
                     with src_dev.use():
                         piece = src_dev.xp.ascontiguousarray(planes[g][:, ysel, :])
                     gathered[self.z_layout.selector(g)] = _move(piece, dev)
-                out.append(dev.xp.fft.fft(gathered, axis=0, norm="forward"))
+                out.append(fft_module(dev.xp).fft(gathered, axis=0, norm="forward"))
         return out
 
     def inverse(self, fourier_slabs):
@@ -107,7 +107,7 @@ class SlabFFT:
         columns = []
         for dev, slab in zip(self.devices, fourier_slabs):
             with dev.use():
-                columns.append(dev.xp.fft.ifft(slab, axis=0, norm="forward"))
+                columns.append(fft_module(dev.xp).ifft(slab, axis=0, norm="forward"))
         out = []
         for g, dev in enumerate(self.devices):
             zsel = self.z_layout.selector(g)
@@ -118,7 +118,7 @@ class SlabFFT:
                     with src_dev.use():
                         piece = src_dev.xp.ascontiguousarray(columns[h][zsel])
                     gathered[:, self.y_layout.selector(h), :] = _move(piece, dev)
-                out.append(dev.xp.fft.irfft2(gathered, s=(self.n, self.n), axes=(1, 2), norm="forward"))
+                out.append(fft_module(dev.xp).irfft2(gathered, s=(self.n, self.n), axes=(1, 2), norm="forward"))
         return out
 
     # helpers to move whole arrays in and out (tests, small sizes)
