@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("snakemake", reason="pip install -e \".[workflow]\"")
+pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e \".[workflow]\"")
+
 from omlrelion.io import h5
 from omlrelion.io.mrc import read_map
 from omlrelion.io.star import read_particles

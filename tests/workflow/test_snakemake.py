@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+pytest.importorskip("snakemake", reason="pip install -e \".[workflow]\"")
+pytest.importorskip("matplotlib", reason="pip install -e \".[workflow]\"")
+import yaml  # noqa: E402  (installed with snakemake)
 
 from omlrelion.io import h5
 from omlrelion.io.mrc import read_map

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+pytest.importorskip("matplotlib", reason="pip install -e \".[workflow]\"")
+
 from omlrelion.errors import InputError
 from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.io import h5
