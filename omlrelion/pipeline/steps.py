@@ -57,6 +57,8 @@ class ReconstructOptions:
     fsc_path: Path | None = None
     precision: str | None = None  # "single" | "double"; default double on the host, single on GPUs
     batch_size: int | None = None
+    storage: str = "dense"        # "dense" | "packed": Fourier arrays of the sums-to-map step
+    strided: bool = False         # slab layout over several devices: strided planes instead of blocks
 
 
 def _select_particles(particles: ParticleSet, opts: ReconstructOptions) -> ParticleSet:
@@ -209,14 +211,15 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
             tau2, _, _ = tau2_from_fsc(weight, fsc_curve, grid=grid, whole_data=True)
         device.synchronize()
         timings["symmetrise"] = time.perf_counter() - t
-        if len(devices) == 1:
+        if len(devices) == 1 and opts.storage == "dense":
             volume = reconstruct_map(data, weight, box_size=box_size, pad=grid.pad, r_max=grid.r_max,
                                      n_iter=opts.n_iter, skip_gridding=opts.skip_gridding, tau2=tau2,
                                      nn_linear_correction=False, timings=timings)
         else:
             volume = reconstruct_map_distributed(data, weight, devices=devices, box_size=box_size, pad=grid.pad,
                                                  r_max=grid.r_max, n_iter=opts.n_iter,
-                                                 skip_gridding=opts.skip_gridding, tau2=tau2, timings=timings)
+                                                 skip_gridding=opts.skip_gridding, tau2=tau2, timings=timings,
+                                                 storage=opts.storage, strided=opts.strided)
         del data, weight
         volume = to_numpy(volume).astype(np.float32)
     memory = [memory_report(d) for d in dict.fromkeys(devices)] if device.gpu is not None else [memory_report(device)]
@@ -234,8 +237,9 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
         "ctf": opts.ctf.apply, "precision": precision,
         "device": {"spec": (f"cpu:{len(devices)}" if len(devices) > 1 else "cpu") if device.gpu is None
                    else "gpu:" + ",".join(str(d.gpu) for d in devices), "name": device.name},
-        "plan": {"devices": len(devices), "fft_size": grid.size,
-                 "layout": "dense, single device" if len(devices) == 1 else "z/y slabs, contiguous"},
+        "plan": {"devices": len(devices), "fft_size": grid.size, "storage": opts.storage,
+                 "layout": "single device" if len(devices) == 1
+                 else "z/y slabs, " + ("strided" if opts.strided else "contiguous")},
         "peak_memory": memory,
         "host": platform.node(), "python": sys.version.split()[0],
         "timings_s": timings,

@@ -56,12 +56,22 @@ def _decentred_rows(a_ftc, rows, r2, r2_max, dev: Device):
 
 def reconstruct_map_distributed(data_ftc, weight_ftc, *, devices: list[Device], box_size: int, pad: float = 2.0,
                                 r_max: int | None = None, n_iter: int = 10, skip_gridding: bool = False, tau2=None,
-                                tau2_fudge: float = 1.0, strided: bool = False, timings=None):
+                                tau2_fudge: float = 1.0, strided: bool = False, storage: str = "dense",
+                                timings=None):
     """Padded Fourier sums -> (N, N, N) map on the host, the work spread over `devices`.
 
     data_ftc, weight_ftc : projector-centred (P, P, P//2+1) sums (on the host or one device),
     Hermitian-repaired and symmetrised. Arithmetic in the weight's float type.
+    storage : "dense" keeps each device's Fourier slabs whole; "packed" keeps the weights, the
+    gridding weights and the data only inside the sphere |k| <= R (`compress.sphere`, about half
+    the voxels), unpacking into the FFT buffer when a transform needs them. Same result, bit for bit.
     """
+    if storage == "packed":
+        return _reconstruct_packed(data_ftc, weight_ftc, devices=devices, box_size=box_size, pad=pad, r_max=r_max,
+                                   n_iter=n_iter, skip_gridding=skip_gridding, tau2=tau2, tau2_fudge=tau2_fudge,
+                                   strided=strided, timings=timings)
+    if storage != "dense":
+        raise ValueError(f"storage must be 'dense' or 'packed', got {storage!r}")
     grid = PaddedGrid(box_size, pad, box_size // 2 if r_max is None else r_max)
     size, r2_sphere = grid.size, grid.r2_sphere
     real = np.dtype(weight_ftc.dtype)
@@ -234,3 +244,82 @@ def _window_and_invert(fconv, rows, grid: PaddedGrid, devices, strided: bool):
 def _sync(devices) -> None:
     for dev in devices:
         dev.synchronize()
+
+
+def _reconstruct_packed(data_ftc, weight_ftc, *, devices, box_size, pad, r_max, n_iter, skip_gridding, tau2,
+                        tau2_fudge, strided, timings):
+    """The dense algorithm with Fw, Wn and the data held packed inside the sphere on each device."""
+    from omlrelion.compress.sphere import SpherePacking, pack, packed_r2, unpack
+
+    grid = PaddedGrid(box_size, pad, box_size // 2 if r_max is None else r_max)
+    size, r2_sphere = grid.size, grid.r2_sphere
+    real = np.dtype(weight_ftc.dtype)
+    complex_ = np.result_type(real, np.complex64)
+    t0 = time.perf_counter()
+    fft = SlabFFT(size, devices, strided=strided)
+    rows = [fft.y_layout.planes(h) for h in range(len(devices))]
+    packings = [SpherePacking(size, rows[h], r2_sphere, inclusive=True) for h in range(len(devices))]
+    fw, r2 = [], []
+    for h, dev in enumerate(devices):
+        with dev.use():
+            r2.append(packed_r2(packings[h], dev.xp))
+            dense = _decentred_rows(weight_ftc, rows[h], _r2_slab(size, rows[h], dev.xp), r2_sphere, dev)
+            fw.append(pack(dense, packings[h]))
+            del dense
+    if tau2 is not None:
+        _add_map_term(fw, r2, rows, tau2, grid, tau2_fudge, devices)
+    if skip_gridding or n_iter <= 0:
+        wn = _floor_division(fw, r2, grid, devices)
+    else:
+        blobs, inside, wn = [], [], []
+        for g, dev in enumerate(devices):
+            with dev.use():
+                blobs.append(_blob_slab(size, fft.z_layout.planes(g), grid.box_size, grid.pad, dev.xp, real))
+                inside.append(r2[g] < r2_sphere)
+                wn.append(inside[g].astype(real))
+        for _ in range(n_iter):
+            conv = []
+            for h, dev in enumerate(devices):
+                with dev.use():
+                    conv.append(unpack((wn[h] * fw[h]).astype(complex_), packings[h]))
+            m = fft.inverse(conv)
+            del conv
+            for g, dev in enumerate(devices):
+                with dev.use():
+                    m[g] *= blobs[g]
+            conv = fft.forward(m)
+            del m
+            for h, dev in enumerate(devices):
+                xp = dev.xp
+                with dev.use():
+                    mag = xp.maximum(xp.abs(pack(conv[h], packings[h])), 1e-6).astype(real)
+                    conv[h] = None
+                    wn[h] = xp.where(inside[h], wn[h] / mag, wn[h])
+                    if real == np.float32:
+                        wn[h] = xp.minimum(wn[h], 1e20)
+            del conv
+    del fw
+    data_packed = []
+    for h, dev in enumerate(devices):
+        with dev.use():
+            dense = _decentred_rows(data_ftc, rows[h], _r2_slab(size, rows[h], dev.xp), r2_sphere, dev)
+            d = pack(dense, packings[h])
+            del dense
+            d *= wn[h].astype(real, copy=False)
+            data_packed.append(d)
+    del wn, r2
+    fconv = []
+    for h, dev in enumerate(devices):
+        with dev.use():
+            fconv.append(unpack(data_packed[h], packings[h]))
+            data_packed[h] = None
+    _sync(devices)
+    t1 = time.perf_counter()
+    volume = _window_and_invert(fconv, rows, grid, devices, strided)
+    volume /= real.type(pad**3 * box_size)
+    soft_mask_outside(volume, radius=box_size / 2, width=3.0)
+    grid_correct(volume, pad=pad)
+    if timings is not None:
+        timings["gridding"] = timings.get("gridding", 0.0) + (t1 - t0)
+        timings["fft_to_map"] = timings.get("fft_to_map", 0.0) + (time.perf_counter() - t1)
+    return volume

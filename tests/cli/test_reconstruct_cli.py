@@ -119,3 +119,7 @@ def test_simulated_devices_give_the_single_device_map(small_set):
     three = mrcfile.read(small_set / "three.mrc").astype(np.float64)
     assert np.linalg.norm(three - one) / np.linalg.norm(one) < 1e-6      # float32 files
     assert json.loads((small_set / "three.json").read_text())["plan"]["devices"] == 3
+    assert run(["reconstruct", "--i", star, "--o", str(small_set / "packed.mrc"), "--ctf", "--quiet",
+                "--device", "cpu:2", "--storage", "packed", "--strided"]) == 0
+    packed = mrcfile.read(small_set / "packed.mrc").astype(np.float64)
+    assert np.linalg.norm(packed - one) / np.linalg.norm(one) < 1e-6

@@ -55,3 +55,16 @@ def test_distributed_with_maxres_and_map_term(rng, n_devices):
     ref = reconstruct_map(data, weight, box_size=34, r_max=9, tau2=tau2)
     ours = reconstruct_map_distributed(data, weight, devices=[Device()] * n_devices, box_size=34, r_max=9, tau2=tau2)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-10
+
+
+@pytest.mark.parametrize("n_devices", [1, 2, 3])
+@pytest.mark.parametrize("skip_gridding", [False, True])
+def test_packed_storage_gives_the_dense_result_bit_for_bit(rng, n_devices, skip_gridding):
+    grid, data, weight = _random_sums(rng, 32)
+    tau2 = np.linspace(3.0, 0.5, grid.r_max + 1) ** 2
+    kwargs = dict(devices=[Device()] * n_devices, box_size=32, skip_gridding=skip_gridding, tau2=tau2)
+    dense = reconstruct_map_distributed(data, weight, storage="dense", **kwargs)
+    packed = reconstruct_map_distributed(data, weight, storage="packed", **kwargs)
+    np.testing.assert_array_equal(packed, dense)
+    with pytest.raises(ValueError, match="storage"):
+        reconstruct_map_distributed(data, weight, storage="zip", **kwargs)
