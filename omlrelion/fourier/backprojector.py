@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from omlrelion.backend import cp, get_xp, is_gpu_array
+from omlrelion.backend import cp, is_gpu_array
 from omlrelion.fourier.interp import image_pixel_xy, slice_positions
 from omlrelion.units import relion_round
 

@@ -7,7 +7,7 @@ real inner product on the inserted pixels.
 
 from __future__ import annotations
 
-from omlrelion.backend import get_xp
+from omlrelion.backend import fft_module, get_xp
 from omlrelion.fourier.interp import image_pixel_xy, slice_positions
 from omlrelion.geometry.grids import PaddedGrid, radial_distance
 
@@ -29,8 +29,8 @@ def volume_to_ftc(volume, *, pad: float = 2.0, r_max: int | None = None):
     padded = xp.zeros((q, q, q), dtype=volume.dtype)
     lo = q // 2 - n // 2
     padded[lo:lo + n, lo:lo + n, lo:lo + n] = volume / (sinc * sinc)
-    ft = xp.fft.rfftn(xp.fft.ifftshift(padded), norm="forward") * (pad**3 * n)
-    size, half, c = grid.size, grid.half, grid.size // 2
+    ft = fft_module(xp).rfftn(xp.fft.ifftshift(padded), norm="forward") * (pad**3 * n)
+    half, c = grid.half, grid.size // 2
     out = xp.zeros(grid.shape, dtype=ft.dtype)
     k = xp.arange(-c, c + 1)
     src = xp.where(k < 0, k + q, k) % q
