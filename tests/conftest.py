@@ -46,3 +46,29 @@ def relion_sim64() -> Path:
     if not (folder / "particles.star").is_file():
         pytest.skip(f"golden data not found in {folder} (set OMLRELION_DATA)")
     return folder
+
+
+@pytest.fixture
+def padded_sums(rng):
+    """Factory: Hermitian-repaired padded sums (data, weight; float64) of random CTF-like slices.
+
+    `padded_sums(box_size, r_max=None, n_images=150)` -> (PaddedGrid, data_ftc, weight_ftc).
+    """
+    from omlrelion.fourier.backprojector import insert_slices
+    from omlrelion.fourier.symmetrise import hermitian_repair
+    from omlrelion.geometry.euler import euler_to_matrix
+    from omlrelion.geometry.grids import PaddedGrid
+
+    def make(box_size, r_max=None, n_images=150):
+        grid = PaddedGrid(box_size, 2.0, box_size // 2 if r_max is None else r_max)
+        data = np.zeros(grid.shape, np.complex128)
+        weight = np.zeros(grid.shape, np.float64)
+        nh = box_size // 2 + 1
+        f = rng.normal(size=(n_images, box_size, nh)) + 1j * rng.normal(size=(n_images, box_size, nh))
+        w = rng.uniform(0.05, 1.0, size=f.shape)
+        rotations = euler_to_matrix(rng.uniform([-180, 0, -180], [180, 180, 180], size=(n_images, 3)))
+        insert_slices(data, weight, f * w, w * w, rotations, pad=2.0, r_padded=grid.r_padded)
+        hermitian_repair(data, weight)
+        return grid, data, weight
+
+    return make

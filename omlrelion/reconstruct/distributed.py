@@ -16,10 +16,9 @@ import numpy as np
 
 from omlrelion.backend import Device, get_xp, to_numpy
 from omlrelion.geometry.grids import PaddedGrid, signed_freqs
-from omlrelion.reconstruct.gridding import (_BLOB_TABLE_RHO_MAX, _BLOB_TABLE_SIZE, blob_table, grid_correct,
-                                            soft_mask_outside)
+from omlrelion.reconstruct.gridding import (_BLOB_TABLE_RHO_MAX, _BLOB_TABLE_SIZE, add_map_term, blob_table,
+                                            grid_correct, shell_floor_weights, soft_mask_outside)
 from omlrelion.reconstruct.slab_fft import SlabFFT, SlabLayout, _move
-from omlrelion.units import relion_round
 
 
 def _r2_slab(size: int, rows, xp):
@@ -66,11 +65,7 @@ def reconstruct_map_distributed(data_ftc, weight_ftc, *, devices: list[Device], 
     gridding weights and the data only inside the sphere |k| <= R (`compress.sphere`, about half
     the voxels), unpacking into the FFT buffer when a transform needs them. Same result, bit for bit.
     """
-    if storage == "packed":
-        return _reconstruct_packed(data_ftc, weight_ftc, devices=devices, box_size=box_size, pad=pad, r_max=r_max,
-                                   n_iter=n_iter, skip_gridding=skip_gridding, tau2=tau2, tau2_fudge=tau2_fudge,
-                                   strided=strided, timings=timings)
-    if storage != "dense":
+    if storage not in ("dense", "packed"):
         raise ValueError(f"storage must be 'dense' or 'packed', got {storage!r}")
     grid = PaddedGrid(box_size, pad, box_size // 2 if r_max is None else r_max)
     size, r2_sphere = grid.size, grid.r2_sphere
@@ -78,26 +73,27 @@ def reconstruct_map_distributed(data_ftc, weight_ftc, *, devices: list[Device], 
     t0 = time.perf_counter()
     fft = SlabFFT(size, devices, strided=strided)
     rows = [fft.y_layout.planes(h) for h in range(len(devices))]
-    r2 = []
-    fw = []
-    for h, dev in enumerate(devices):
-        with dev.use():
-            r2.append(_r2_slab(size, rows[h], dev.xp))
-            fw.append(_decentred_rows(weight_ftc, rows[h], r2[h], r2_sphere, dev))
+    stores = [_SlabStore(size, rows[h], r2_sphere, dev, packed=storage == "packed") for h, dev in enumerate(devices)]
+    fw = [st.decentred(weight_ftc) for st in stores]
+    r2 = [st.r2 for st in stores]
     if tau2 is not None:
-        _add_map_term(fw, r2, rows, tau2, grid, tau2_fudge, devices)
+        for h, dev in enumerate(devices):
+            with dev.use():
+                add_map_term(fw[h], tau2, grid=grid, tau2_fudge=tau2_fudge, r2=r2[h])
     if skip_gridding or n_iter <= 0:
-        wn = _floor_division(fw, r2, grid, devices)
+        wn = shell_floor_weights(fw, r2, grid=grid, devices=devices)
     else:
-        wn = _gridding(fft, fw, r2, grid, n_iter, devices, real)
+        wn = _gridding(fft, fw, stores, grid, n_iter, devices, real)
     del fw
     fconv = []
-    for h, dev in enumerate(devices):
-        with dev.use():
-            d = _decentred_rows(data_ftc, rows[h], r2[h], r2_sphere, dev)
+    for h, st in enumerate(stores):
+        with st.device.use():
+            d = st.decentred(data_ftc)
             d *= wn[h].astype(real, copy=False)
-            fconv.append(d)
-    del wn, r2
+            wn[h] = None
+            fconv.append(st.to_dense(d))
+            del d
+    del wn, r2, stores
     _sync(devices)
     t1 = time.perf_counter()
     volume = _window_and_invert(fconv, rows, grid, devices, strided)
@@ -110,18 +106,50 @@ def reconstruct_map_distributed(data_ftc, weight_ftc, *, devices: list[Device], 
     return volume
 
 
-def _gridding(fft: SlabFFT, fw, r2, grid: PaddedGrid, n_iter: int, devices, real):
+class _SlabStore:
+    """How one device holds its y-slab of a Fourier array: dense (P, ny, H), or packed inside |k|^2 <= R^2.
+
+    Elementwise steps run on the stored form either way; `to_dense`/`from_dense` convert for the FFTs.
+    """
+
+    def __init__(self, size: int, rows, r2_sphere: int, device: Device, *, packed: bool):
+        from omlrelion.compress.sphere import SpherePacking, packed_r2
+
+        self.size, self.rows, self.r2_sphere, self.device = size, rows, r2_sphere, device
+        self.packing = SpherePacking(size, rows, r2_sphere, inclusive=True) if packed else None
+        with device.use():
+            self.r2 = packed_r2(self.packing, device.xp) if packed else _r2_slab(size, rows, device.xp)
+
+    def from_dense(self, a):
+        from omlrelion.compress.sphere import pack
+
+        return a if self.packing is None else pack(a, self.packing)
+
+    def to_dense(self, a):
+        from omlrelion.compress.sphere import unpack
+
+        return a if self.packing is None else unpack(a, self.packing)
+
+    def decentred(self, a_ftc):
+        """This slab of a projector-centred array, in FFTW layout, zero outside the sphere, stored."""
+        with self.device.use():
+            r2 = self.r2 if self.packing is None else _r2_slab(self.size, self.rows, self.device.xp)
+            return self.from_dense(_decentred_rows(a_ftc, self.rows, r2, self.r2_sphere, self.device))
+
+
+def _gridding(fft: SlabFFT, fw, stores, grid: PaddedGrid, n_iter: int, devices, real):
+    complex_ = np.result_type(real, np.complex64)
     blobs, inside, wn = [], [], []
     for g, dev in enumerate(devices):
         with dev.use():
             blobs.append(_blob_slab(grid.size, fft.z_layout.planes(g), grid.box_size, grid.pad, dev.xp, real))
-            inside.append(r2[g] < grid.r2_sphere)
+            inside.append(stores[g].r2 < grid.r2_sphere)
             wn.append(inside[g].astype(real))
     for _ in range(n_iter):
         conv = []
         for h, dev in enumerate(devices):
             with dev.use():
-                conv.append((wn[h] * fw[h]).astype(np.result_type(real, np.complex64)))
+                conv.append(stores[h].to_dense((wn[h] * fw[h]).astype(complex_)))
         m = fft.inverse(conv)
         del conv
         for g, dev in enumerate(devices):
@@ -132,53 +160,13 @@ def _gridding(fft: SlabFFT, fw, r2, grid: PaddedGrid, n_iter: int, devices, real
         for h, dev in enumerate(devices):
             xp = dev.xp
             with dev.use():
-                mag = xp.maximum(xp.abs(conv[h]), 1e-6).astype(real)
+                mag = xp.maximum(xp.abs(stores[h].from_dense(conv[h])), 1e-6).astype(real)
+                conv[h] = None
                 wn[h] = xp.where(inside[h], wn[h] / mag, wn[h])
                 if real == np.float32:
                     wn[h] = xp.minimum(wn[h], 1e20)
         del conv
     return wn
-
-
-def _floor_division(fw, r2, grid: PaddedGrid, devices):
-    r_max, pad = grid.r_max, grid.pad
-    r2_limit = relion_round((r_max * pad) ** 2)
-    acc = np.zeros(r_max)
-    cnt = np.zeros(r_max)
-    shells = []
-    for h, dev in enumerate(devices):
-        xp = dev.xp
-        with dev.use():
-            shell = xp.floor(xp.sqrt(r2[h].astype(xp.float64)) / pad).astype(xp.int64)
-            shells.append(shell)
-            inside = r2[h] < r2_limit
-            acc += to_numpy(xp.bincount(shell[inside], weights=fw[h][inside].astype(xp.float64), minlength=r_max))[:r_max]
-            cnt += to_numpy(xp.bincount(shell[inside], minlength=r_max))[:r_max]
-    if np.any((cnt == 0) & (acc == 0)):
-        raise ValueError("a Fourier shell holds no voxel: r_max or pad too small for this grid")
-    floor = acc / (1000.0 * np.maximum(cnt, 1))
-    out = []
-    for h, dev in enumerate(devices):
-        xp = dev.xp
-        with dev.use():
-            w = xp.maximum(fw[h].astype(xp.float64), xp.asarray(floor)[xp.minimum(shells[h], r_max - 1)])
-            out.append(xp.where(w != 0, 1.0 / xp.where(w != 0, w, 1.0), 1.0))
-    return out
-
-
-def _add_map_term(fw, r2, rows, tau2, grid: PaddedGrid, fudge: float, devices) -> None:
-    tau2 = np.asarray(tau2, dtype=np.float64)
-    for h, dev in enumerate(devices):
-        xp = dev.xp
-        with dev.use():
-            t = xp.asarray(tau2)
-            shell = xp.floor(xp.sqrt(r2[h].astype(xp.float64)) / grid.pad + 0.5).astype(xp.int64)
-            inside = r2[h] < grid.r2_sphere
-            tt = t[xp.minimum(shell, len(tau2) - 1)]
-            w = fw[h].astype(xp.float64)
-            add = xp.where(tt > 0, 1.0 / (grid.pad**3 * fudge * xp.where(tt > 0, tt, 1.0)),
-                           xp.where((tt < 1e-20) & (w > 1e-20), 1.0 / (0.001 * xp.where(w > 1e-20, w, 1.0)), 0.0))
-            fw[h] += xp.where(inside, add, 0.0).astype(fw[h].dtype)
 
 
 def _window_and_invert(fconv, rows, grid: PaddedGrid, devices, strided: bool):
@@ -245,81 +233,3 @@ def _sync(devices) -> None:
     for dev in devices:
         dev.synchronize()
 
-
-def _reconstruct_packed(data_ftc, weight_ftc, *, devices, box_size, pad, r_max, n_iter, skip_gridding, tau2,
-                        tau2_fudge, strided, timings):
-    """The dense algorithm with Fw, Wn and the data held packed inside the sphere on each device."""
-    from omlrelion.compress.sphere import SpherePacking, pack, packed_r2, unpack
-
-    grid = PaddedGrid(box_size, pad, box_size // 2 if r_max is None else r_max)
-    size, r2_sphere = grid.size, grid.r2_sphere
-    real = np.dtype(weight_ftc.dtype)
-    complex_ = np.result_type(real, np.complex64)
-    t0 = time.perf_counter()
-    fft = SlabFFT(size, devices, strided=strided)
-    rows = [fft.y_layout.planes(h) for h in range(len(devices))]
-    packings = [SpherePacking(size, rows[h], r2_sphere, inclusive=True) for h in range(len(devices))]
-    fw, r2 = [], []
-    for h, dev in enumerate(devices):
-        with dev.use():
-            r2.append(packed_r2(packings[h], dev.xp))
-            dense = _decentred_rows(weight_ftc, rows[h], _r2_slab(size, rows[h], dev.xp), r2_sphere, dev)
-            fw.append(pack(dense, packings[h]))
-            del dense
-    if tau2 is not None:
-        _add_map_term(fw, r2, rows, tau2, grid, tau2_fudge, devices)
-    if skip_gridding or n_iter <= 0:
-        wn = _floor_division(fw, r2, grid, devices)
-    else:
-        blobs, inside, wn = [], [], []
-        for g, dev in enumerate(devices):
-            with dev.use():
-                blobs.append(_blob_slab(size, fft.z_layout.planes(g), grid.box_size, grid.pad, dev.xp, real))
-                inside.append(r2[g] < r2_sphere)
-                wn.append(inside[g].astype(real))
-        for _ in range(n_iter):
-            conv = []
-            for h, dev in enumerate(devices):
-                with dev.use():
-                    conv.append(unpack((wn[h] * fw[h]).astype(complex_), packings[h]))
-            m = fft.inverse(conv)
-            del conv
-            for g, dev in enumerate(devices):
-                with dev.use():
-                    m[g] *= blobs[g]
-            conv = fft.forward(m)
-            del m
-            for h, dev in enumerate(devices):
-                xp = dev.xp
-                with dev.use():
-                    mag = xp.maximum(xp.abs(pack(conv[h], packings[h])), 1e-6).astype(real)
-                    conv[h] = None
-                    wn[h] = xp.where(inside[h], wn[h] / mag, wn[h])
-                    if real == np.float32:
-                        wn[h] = xp.minimum(wn[h], 1e20)
-            del conv
-    del fw
-    data_packed = []
-    for h, dev in enumerate(devices):
-        with dev.use():
-            dense = _decentred_rows(data_ftc, rows[h], _r2_slab(size, rows[h], dev.xp), r2_sphere, dev)
-            d = pack(dense, packings[h])
-            del dense
-            d *= wn[h].astype(real, copy=False)
-            data_packed.append(d)
-    del wn, r2
-    fconv = []
-    for h, dev in enumerate(devices):
-        with dev.use():
-            fconv.append(unpack(data_packed[h], packings[h]))
-            data_packed[h] = None
-    _sync(devices)
-    t1 = time.perf_counter()
-    volume = _window_and_invert(fconv, rows, grid, devices, strided)
-    volume /= real.type(pad**3 * box_size)
-    soft_mask_outside(volume, radius=box_size / 2, width=3.0)
-    grid_correct(volume, pad=pad)
-    if timings is not None:
-        timings["gridding"] = timings.get("gridding", 0.0) + (t1 - t0)
-        timings["fft_to_map"] = timings.get("fft_to_map", 0.0) + (time.perf_counter() - t1)
-    return volume

@@ -18,9 +18,11 @@ type elsewhere (float32 on GPUs: the new weights are clamped at 1e20 as RELION's
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
-from omlrelion.backend import fft_module, get_xp
+from omlrelion.backend import fft_module, get_xp, to_numpy
 from omlrelion.fourier.layout import centre_by_sign, decentre, radius2_ft, window_ft
 from omlrelion.geometry.grids import PaddedGrid, radial_distance, signed_freqs
 from omlrelion.units import relion_round
@@ -84,23 +86,19 @@ def blob_real_space(size: int, box_size: int, pad: float, xp, dtype, *, scale: f
     return xp.where(inside, table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0).astype(dtype)
 
 
-def _shell_index_round(size: int, pad: float, xp):
-    """round(|k| / pad) on the FFTW-layout half grid of odd side `size`."""
-    k = xp.sqrt(radius2_ft(size, xp, xp.float64))
-    return xp.floor(k / pad + 0.5).astype(xp.int64)
-
-
-def add_map_term(weight_ft, tau2, *, grid: PaddedGrid, tau2_fudge: float = 1.0, minres_map: int = -1):
+def add_map_term(weight_ft, tau2, *, grid: PaddedGrid, tau2_fudge: float = 1.0, minres_map: int = -1, r2=None):
     """RELION's MAP term: weight += 1/(pad^3 fudge tau2[round(|k|/pad)]) inside |k|^2 < R^2 (in place).
 
-    Where tau2 is zero, 1/(0.001 W) is added to voxels with W > 1e-20 (RELION's rule).
+    Where tau2 is zero, 1/(0.001 W) is added to voxels with W > 1e-20 (RELION's rule). `r2` gives
+    |k|^2 of every element of `weight_ft` when it is not the whole FFTW-layout half grid (a slab,
+    a packed array); by default the whole grid.
     """
     xp = get_xp(weight_ft)
+    r2 = radius2_ft(grid.size, xp) if r2 is None else r2
     tau2 = xp.asarray(np.asarray(tau2, dtype=np.float64))
-    shell = _shell_index_round(grid.size, grid.pad, xp)
-    inside = (radius2_ft(grid.size, xp) < grid.r2_sphere) & (shell >= minres_map)
-    shell = xp.minimum(shell, tau2.shape[0] - 1)
-    t = tau2[shell]
+    shell = xp.floor(xp.sqrt(r2.astype(xp.float64)) / grid.pad + 0.5).astype(xp.int64)
+    inside = (r2 < grid.r2_sphere) & (shell >= minres_map)
+    t = tau2[xp.minimum(shell, tau2.shape[0] - 1)]
     w = weight_ft.astype(xp.float64)
     add = xp.where(t > 0, 1.0 / (grid.pad**3 * tau2_fudge * xp.where(t > 0, t, 1.0)),
                    xp.where((t < 1e-20) & (w > 1e-20), 1.0 / (0.001 * xp.where(w > 1e-20, w, 1.0)), 0.0))
@@ -229,21 +227,39 @@ def _gridding_weights_cuda(fw, grid: PaddedGrid, n_iter: int, dtype, size: int, 
 
 def floor_division_weights(weight_ft, *, grid: PaddedGrid):
     """No-gridding branch: 1 / max(W, shell mean of W / 1000) (FFTW layout; 1 where that is 0)."""
-    xp = get_xp(weight_ft)
-    size, r_max = grid.size, grid.r_max
-    k = xp.sqrt(radius2_ft(size, xp, xp.float64))
-    shell = xp.floor(k / grid.pad).astype(xp.int64)
-    r2_limit = relion_round((r_max * grid.pad) ** 2)
-    inside = radius2_ft(size, xp) < r2_limit
-    w64 = weight_ft.astype(xp.float64)
-    sel = shell[inside]
-    acc = xp.bincount(sel, weights=w64[inside], minlength=r_max)[:r_max]
-    cnt = xp.bincount(sel, minlength=r_max)[:r_max]
-    if bool(xp.any((cnt == 0) & (acc == 0))):
+    return shell_floor_weights([weight_ft], [radius2_ft(grid.size, get_xp(weight_ft))], grid=grid)[0]
+
+
+def shell_floor_weights(weights, r2s, *, grid: PaddedGrid, devices=None):
+    """`floor_division_weights` for a weight array split in parts (slabs, packed arrays, devices).
+
+    weights[i] holds values at |k|^2 = r2s[i] (same shape), on devices[i] when given. The shell
+    means (shell floor(|k|/pad), |k|^2 < round((r_max pad)^2)) are summed over all parts.
+    """
+    r_max, pad = grid.r_max, grid.pad
+    r2_limit = relion_round((r_max * pad) ** 2)
+    contexts = [d.use for d in devices] if devices is not None else [nullcontext] * len(weights)
+    acc = np.zeros(r_max)
+    cnt = np.zeros(r_max)
+    shells = []
+    for w, r2, ctx in zip(weights, r2s, contexts):
+        xp = get_xp(w)
+        with ctx():
+            shell = xp.floor(xp.sqrt(r2.astype(xp.float64)) / pad).astype(xp.int64)
+            shells.append(shell)
+            inside = r2 < r2_limit
+            acc += to_numpy(xp.bincount(shell[inside], weights=w[inside].astype(xp.float64), minlength=r_max))[:r_max]
+            cnt += to_numpy(xp.bincount(shell[inside], minlength=r_max))[:r_max]
+    if np.any((cnt == 0) & (acc == 0)):
         raise ValueError("a Fourier shell holds no voxel: r_max or pad too small for this grid")
-    floor = acc / (1000.0 * xp.maximum(cnt, 1))
-    w = xp.maximum(w64, floor[xp.minimum(shell, r_max - 1)])
-    return xp.where(w != 0, 1.0 / xp.where(w != 0, w, 1.0), 1.0)
+    floor = acc / (1000.0 * np.maximum(cnt, 1))
+    out = []
+    for w, shell, ctx in zip(weights, shells, contexts):
+        xp = get_xp(w)
+        with ctx():
+            m = xp.maximum(w.astype(xp.float64), xp.asarray(floor)[xp.minimum(shell, r_max - 1)])
+            out.append(xp.where(m != 0, 1.0 / xp.where(m != 0, m, 1.0), 1.0))
+    return out
 
 
 def soft_mask_outside(volume, *, radius: float, width: float = 3.0):

@@ -4,10 +4,6 @@ import numpy as np
 import pytest
 
 from omlrelion.backend import Device
-from omlrelion.fourier.backprojector import insert_slices
-from omlrelion.fourier.symmetrise import hermitian_repair
-from omlrelion.geometry.euler import euler_to_matrix
-from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.reconstruct.distributed import reconstruct_map_distributed
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.slab_fft import SlabFFT
@@ -24,24 +20,11 @@ def test_slab_fft_equals_numpy(rng, n, n_devices, strided):
     np.testing.assert_allclose(fft.gather_real(fft.inverse(fft.scatter_fourier(ref))), volume, atol=1e-13)
 
 
-def _random_sums(rng, box_size, r_max=None, n_images=150):
-    grid = PaddedGrid(box_size, 2.0, box_size // 2 if r_max is None else r_max)
-    data = np.zeros(grid.shape, np.complex128)
-    weight = np.zeros(grid.shape, np.float64)
-    nh = box_size // 2 + 1
-    f = rng.normal(size=(n_images, box_size, nh)) + 1j * rng.normal(size=(n_images, box_size, nh))
-    w = rng.uniform(0.05, 1.0, size=f.shape)
-    rot = euler_to_matrix(rng.uniform([-180, 0, -180], [180, 180, 180], size=(n_images, 3)))
-    insert_slices(data, weight, f * w, w * w, rot, pad=2.0, r_padded=grid.r_padded)
-    hermitian_repair(data, weight)
-    return grid, data, weight
-
-
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("skip_gridding", [False, True])
-def test_distributed_map_equals_single_device(rng, n_devices, strided, skip_gridding):
-    grid, data, weight = _random_sums(rng, 32)
+def test_distributed_map_equals_single_device(padded_sums, n_devices, strided, skip_gridding):
+    grid, data, weight = padded_sums(32)
     ref = reconstruct_map(data, weight, box_size=32, skip_gridding=skip_gridding)
     ours = reconstruct_map_distributed(data, weight, devices=[Device()] * n_devices, box_size=32,
                                        skip_gridding=skip_gridding, strided=strided)
@@ -49,8 +32,8 @@ def test_distributed_map_equals_single_device(rng, n_devices, strided, skip_grid
 
 
 @pytest.mark.parametrize("n_devices", [2, 3])
-def test_distributed_with_maxres_and_map_term(rng, n_devices):
-    grid, data, weight = _random_sums(rng, 34, r_max=9)
+def test_distributed_with_maxres_and_map_term(padded_sums, n_devices):
+    grid, data, weight = padded_sums(34, r_max=9)
     tau2 = np.linspace(2.0, 0.0, grid.r_max + 1) ** 2
     ref = reconstruct_map(data, weight, box_size=34, r_max=9, tau2=tau2)
     ours = reconstruct_map_distributed(data, weight, devices=[Device()] * n_devices, box_size=34, r_max=9, tau2=tau2)
@@ -59,8 +42,8 @@ def test_distributed_with_maxres_and_map_term(rng, n_devices):
 
 @pytest.mark.parametrize("n_devices", [1, 2, 3])
 @pytest.mark.parametrize("skip_gridding", [False, True])
-def test_packed_storage_gives_the_dense_result_bit_for_bit(rng, n_devices, skip_gridding):
-    grid, data, weight = _random_sums(rng, 32)
+def test_packed_storage_gives_the_dense_result_bit_for_bit(padded_sums, n_devices, skip_gridding):
+    grid, data, weight = padded_sums(32)
     tau2 = np.linspace(3.0, 0.5, grid.r_max + 1) ** 2
     kwargs = dict(devices=[Device()] * n_devices, box_size=32, skip_gridding=skip_gridding, tau2=tau2)
     dense = reconstruct_map_distributed(data, weight, storage="dense", **kwargs)

@@ -4,9 +4,6 @@ import numpy as np
 import pytest
 
 from omlrelion.backend import Device, to_numpy
-from omlrelion.fourier.symmetrise import hermitian_repair
-from omlrelion.geometry.euler import euler_to_matrix
-from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.pipeline.steps import ReconstructOptions, reconstruct
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode
@@ -14,27 +11,11 @@ from omlrelion.reconstruct.insert import CtfMode
 pytestmark = pytest.mark.gpu
 
 
-def _random_sums(rng, box_size, n_images=300):
-    """Sums of random slices (with realistic, uneven weights) on the padded grid, float64."""
-    from omlrelion.fourier.backprojector import insert_slices
-
-    grid = PaddedGrid(box_size, 2.0, box_size // 2)
-    data = np.zeros(grid.shape, np.complex128)
-    weight = np.zeros(grid.shape, np.float64)
-    nh = box_size // 2 + 1
-    f = rng.normal(size=(n_images, box_size, nh)) + 1j * rng.normal(size=(n_images, box_size, nh))
-    w = rng.uniform(0.05, 1.0, size=f.shape)
-    rot = euler_to_matrix(rng.uniform([-180, 0, -180], [180, 180, 180], size=(n_images, 3)))
-    insert_slices(data, weight, f * w, w * w, rot, pad=2.0, r_padded=grid.r_padded)
-    hermitian_repair(data, weight)
-    return grid, data, weight
-
-
 @pytest.mark.parametrize("skip_gridding", [False, True])
-def test_reconstruct_map_gpu_float32_vs_cpu_float64(rng, skip_gridding):
+def test_reconstruct_map_gpu_float32_vs_cpu_float64(padded_sums, skip_gridding):
     import cupy as cp
 
-    grid, data, weight = _random_sums(rng, 48)
+    grid, data, weight = padded_sums(48, n_images=300)
     ref = reconstruct_map(data, weight, box_size=48, skip_gridding=skip_gridding)
     gpu = reconstruct_map(cp.asarray(data.astype(np.complex64)), cp.asarray(weight.astype(np.float32)),
                           box_size=48, skip_gridding=skip_gridding)
