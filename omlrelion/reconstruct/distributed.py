@@ -16,8 +16,15 @@ import numpy as np
 
 from omlrelion.backend import Device, get_xp, to_numpy
 from omlrelion.geometry.grids import PaddedGrid, signed_freqs
-from omlrelion.reconstruct.gridding import (_BLOB_TABLE_RHO_MAX, _BLOB_TABLE_SIZE, add_map_term, blob_table,
-                                            grid_correct, shell_floor_weights, soft_mask_outside)
+from omlrelion.reconstruct.gridding import (
+    _BLOB_TABLE_RHO_MAX,
+    _BLOB_TABLE_SIZE,
+    add_map_term,
+    blob_table,
+    grid_correct,
+    shell_floor_weights,
+    soft_mask_outside,
+)
 from omlrelion.reconstruct.slab_fft import SlabFFT, SlabLayout, _move
 
 
