@@ -11,6 +11,7 @@ import omlrelion
 
 COMMANDS = {
     "reconstruct": "omlrelion.cli.reconstruct",
+    "autotune": "omlrelion.cli.autotune",
     "simulate": "omlrelion.cli.simulate",
 }
 
