@@ -36,16 +36,24 @@ def _r2_slab(size: int, rows, xp):
     return k[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2
 
 
-def _blob_slab(size: int, planes, box_size: int, pad: float, xp, dtype):
-    """T(|r| / (N pad)) on the z-planes `planes` of the side-`size` real grid (RELION's floor table)."""
+def _blob_slab(size: int, planes, box_size: int, pad: float, xp, dtype, *, planes_per_chunk: int = 8):
+    """T(|r| / (N pad)) on the z-planes `planes` of the side-`size` real grid (RELION's floor table).
+
+    Built a few planes at a time, so the float64 radii and table indices never exist for the whole slab.
+    """
     table = xp.asarray(blob_table(), dtype=dtype)
     i = np.arange(size)
     r = np.where(i < size // 2, i, i - size).astype(np.float64)
-    rz = xp.asarray(r[np.asarray(planes)])
-    ry = xp.asarray(r)
-    rho = xp.sqrt(rz[:, None, None] ** 2 + ry[None, :, None] ** 2 + ry[None, None, :] ** 2) / (box_size * pad)
-    idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
-    return xp.where(idx < _BLOB_TABLE_SIZE, table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0).astype(dtype)
+    planes = np.asarray(planes)
+    ry2 = xp.asarray(r)[:, None] ** 2 + xp.asarray(r)[None, :] ** 2
+    out = xp.empty((len(planes), size, size), dtype=dtype)
+    for start in range(0, len(planes), planes_per_chunk):
+        rz = xp.asarray(r[planes[start:start + planes_per_chunk]])
+        rho = xp.sqrt(rz[:, None, None] ** 2 + ry2[None]) / (box_size * pad)
+        idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
+        out[start:start + planes_per_chunk] = xp.where(idx < _BLOB_TABLE_SIZE,
+                                                       table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0)
+    return out
 
 
 def _decentred_rows(a_ftc, rows, r2, r2_max, dev: Device):
@@ -55,7 +63,7 @@ def _decentred_rows(a_ftc, rows, r2, r2_max, dev: Device):
     z_src = (np.arange(size) + c) % size
     y_src = (np.asarray(rows) + c) % size
     xp = get_xp(a_ftc)
-    out = _move(a_ftc[xp.asarray(z_src)][:, xp.asarray(y_src), :], dev)
+    out = _move(a_ftc[xp.asarray(z_src)[:, None], xp.asarray(y_src)[None, :], :], dev)   # one slab-sized gather
     out *= (r2 <= r2_max)
     return out
 
@@ -93,12 +101,12 @@ def reconstruct_map_distributed(data_ftc, weight_ftc, *, devices: list[Device], 
         wn = _gridding(fft, fw, stores, grid, n_iter, devices, real)
     del fw
     fconv = []
-    for h, st in enumerate(stores):
-        with st.device.use():
-            d = st.decentred(data_ftc)
+    for h in range(len(stores)):
+        with stores[h].device.use():
+            d = stores[h].decentred(data_ftc)
             d *= wn[h].astype(real, copy=False)
             wn[h] = None
-            fconv.append(st.to_dense(d))
+            fconv.append(stores[h].to_dense(d))
             del d
     del wn, r2, stores
     _sync(devices)
@@ -189,7 +197,8 @@ def _window_and_invert(fconv, rows, grid: PaddedGrid, devices, strided: bool):
         q_parts.append(tuple(sorted(i for _, i in keep)))
         q_windows.append(sorted(keep, key=lambda t: t[1]))
     covered = sorted(i for part in q_parts for i in part)
-    z_src = np.where(k_q < 0, k_q + size, k_q)      # P-grid z index of every Q-grid z plane
+    z_valid = np.abs(k_q) <= size // 2                # Q-grid z planes that exist on the P grid
+    z_src = np.where(k_q < 0, k_q + size, k_q)[z_valid]      # their P-grid z index
     kx_len = min(size // 2 + 1, q // 2 + 1)
     slabs = []
     for h, dev in enumerate(devices):
@@ -198,13 +207,13 @@ def _window_and_invert(fconv, rows, grid: PaddedGrid, devices, strided: bool):
             src_rows = xp.asarray(np.array([j for j, _ in q_windows[h]], dtype=np.int64))
             out = xp.zeros((q, len(q_parts[h]), q // 2 + 1), dtype=fconv[h].dtype)
             if len(q_parts[h]):
-                block = fconv[h][xp.asarray(z_src)][:, src_rows, :kx_len]
+                block = fconv[h][xp.asarray(z_src)[:, None], src_rows[None, :], :kx_len]
                 if q > size:          # enlarging: RELION copies only |k|^2 <= (P//2)^2
-                    kz = xp.asarray(k_q.astype(np.int64))[:, None, None]
+                    kz = xp.asarray(k_q[z_valid].astype(np.int64))[:, None, None]
                     ky = xp.asarray(k_q[np.asarray(q_parts[h])].astype(np.int64))[None, :, None]
                     kx = xp.arange(kx_len, dtype=xp.int64)[None, None, :]
                     block = block * ((kz**2 + ky**2 + kx**2) <= (size // 2) ** 2)
-                out[:, :, :kx_len] = block
+                out[xp.asarray(np.nonzero(z_valid)[0]), :, :kx_len] = block
                 # centre by sign on the Q grid: (-1)^(z + y + x) with Q-grid FFTW indices
                 sz = 1 - 2 * (xp.arange(q) % 2)
                 sy = 1 - 2 * (xp.asarray(np.asarray(q_parts[h])) % 2)

@@ -80,7 +80,9 @@ def blob_real_space(size: int, box_size: int, pad: float, xp, dtype, *, scale: f
     table = xp.asarray(blob_table(), dtype=dtype)
     i = xp.arange(size)
     r = xp.where(i < size // 2, i, i - size).astype(xp.float64)
-    rho = xp.sqrt(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) * (scale / (box_size * pad))
+    # RELION divides (r / (N pad), then / table step): a product with reciprocals rounds differently
+    # where the quotient is an exact table boundary
+    rho = xp.sqrt(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) * scale / (box_size * pad)
     idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
     inside = idx < _BLOB_TABLE_SIZE
     return xp.where(inside, table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0).astype(dtype)
@@ -175,12 +177,12 @@ def _cuda_kernels():
         _CUDA_KERNELS["product"] = cp.ElementwiseKernel(
             "T wn, T fw", "C out", "out = C(wn * fw, 0)", "omlrelion_gridding_product")
         _CUDA_KERNELS["blob"] = cp.ElementwiseKernel(
-            "raw T table, int32 size, float64 inv_norm", "T m",
+            "raw T table, int32 size, float64 scale, float64 norm", "T m",
             """
             const long long x = i % size, y = (i / size) % size, z = i / ((long long)size * size);
             const double rx = x < size / 2 ? x : x - size, ry = y < size / 2 ? y : y - size,
                          rz = z < size / 2 ? z : z - size;
-            const double rho = sqrt(rx * rx + ry * ry + rz * rz) * inv_norm;
+            const double rho = sqrt(rx * rx + ry * ry + rz * rz) * scale / norm;
             const long long idx = (long long)floor(rho / 5e-5);
             m = idx < 10000 ? m * table[idx] : (T)0;
             """, "omlrelion_gridding_blob")
@@ -218,7 +220,7 @@ def _gridding_weights_cuda(fw, grid: PaddedGrid, n_iter: int, dtype, size: int, 
     for _ in range(n_iter):
         k["product"](wn, fw, conv)
         m = cp.fft.irfftn(conv, s=(size, size, size), axes=(0, 1, 2), norm="forward")
-        k["blob"](table, np.int32(size), np.float64(blob_scale / (grid.box_size * grid.pad)), m)
+        k["blob"](table, np.int32(size), np.float64(blob_scale), np.float64(grid.box_size * grid.pad), m)
         conv = cp.fft.rfftn(m, norm="forward")
         del m
         k["update"](conv, np.int32(size), np.int32(half), np.int64(grid.r2_sphere), np.float64(clamp), wn)

@@ -51,3 +51,13 @@ def test_packed_storage_gives_the_dense_result_bit_for_bit(padded_sums, n_device
     np.testing.assert_array_equal(packed, dense)
     with pytest.raises(ValueError, match="storage"):
         reconstruct_map_distributed(data, weight, storage="zip", **kwargs)
+
+
+@pytest.mark.parametrize("n_devices", [1, 2])
+def test_coarse_maxres_grid_smaller_than_half_the_final_grid(padded_sums, n_devices):
+    """r_max 7 at box 40: P = 31 while the final grid has Q = 80 (Q/2 >= P)."""
+    grid, data, weight = padded_sums(40, r_max=7)
+    assert grid.final_size // 2 >= grid.size
+    ref = reconstruct_map(data, weight, box_size=40, r_max=7)
+    ours = reconstruct_map_distributed(data, weight, devices=[Device()] * n_devices, box_size=40, r_max=7)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-10
