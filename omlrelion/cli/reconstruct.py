@@ -38,8 +38,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("single", "double"), default=None,
                    help="arithmetic (default: double on the CPU, single on GPUs)")
     p.add_argument("--batch", type=int, default=None, help="particles per batch")
-    p.add_argument("--storage", choices=("dense", "packed"), default="dense",
-                   help="Fourier arrays of the sums-to-map step: dense, or packed inside the resolution sphere")
+    p.add_argument("--storage", choices=("dense", "packed", "auto"), default="dense",
+                   help="Fourier arrays of the sums-to-map step: dense, packed inside the resolution sphere, "
+                        "or auto (the planner picks devices, storage and layout that fit; see omlrelion autotune)")
     p.add_argument("--strided", action="store_true", help="over several devices: strided slabs instead of blocks")
     p.add_argument("--half_maps", type=Path, nargs=2, default=None, metavar=("HALF1", "HALF2"),
                    help="report the FSC and resolution of these two half maps in the summary")

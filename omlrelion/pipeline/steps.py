@@ -29,6 +29,7 @@ from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
 from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
+from omlrelion.reconstruct.autotune import plan_for
 from omlrelion.reconstruct.distributed import reconstruct_map_distributed
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
@@ -57,7 +58,7 @@ class ReconstructOptions:
     fsc_path: Path | None = None
     precision: str | None = None  # "single" | "double"; default double on the host, single on GPUs
     batch_size: int | None = None
-    storage: str = "dense"        # "dense" | "packed": Fourier arrays of the sums-to-map step
+    storage: str = "dense"        # "dense" | "packed" | "auto" (the planner's choice): sums-to-map arrays
     strided: bool = False         # slab layout over several devices: strided planes instead of blocks
 
 
@@ -196,6 +197,10 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
     timings["read_star"] = time.perf_counter() - t
     precision = opts.precision or ("double" if device.gpu is None else "single")
     dtype = np.float64 if precision == "double" else np.float32
+    # the plan of the sums-to-map step, before any particle is read: "auto" refuses what cannot fit
+    plan = plan_for(grid, devices, opts.storage, strided=opts.strided, real_dtype=dtype,
+                    n_iter=0 if opts.skip_gridding else opts.n_iter, map_term=fsc_curve is not None)
+    devices = devices[:plan.n_devices]
     log.info("reconstructing %d particles, box %d, %.4f A/px, pad %g, r_max %d, grid %d^3 on %s",
              particles.n_particles, box_size, angpix, grid.pad, grid.r_max, grid.size, device.name)
 
@@ -211,15 +216,16 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
             tau2, _, _ = tau2_from_fsc(weight, fsc_curve, grid=grid, whole_data=True)
         device.synchronize()
         timings["symmetrise"] = time.perf_counter() - t
-        if len(devices) == 1 and opts.storage == "dense":
+        if plan.single_device_path:
             volume = reconstruct_map(data, weight, box_size=box_size, pad=grid.pad, r_max=grid.r_max,
                                      n_iter=opts.n_iter, skip_gridding=opts.skip_gridding, tau2=tau2,
-                                     nn_linear_correction=False, timings=timings)
+                                     nn_linear_correction=False, timings=timings,
+                                     fft_size=None if plan.is_exact(grid) else plan.fft_size)
         else:
             volume = reconstruct_map_distributed(data, weight, devices=devices, box_size=box_size, pad=grid.pad,
                                                  r_max=grid.r_max, n_iter=opts.n_iter,
                                                  skip_gridding=opts.skip_gridding, tau2=tau2, timings=timings,
-                                                 storage=opts.storage, strided=opts.strided)
+                                                 storage=plan.storage, strided=plan.strided)
         del data, weight
         volume = to_numpy(volume).astype(np.float32)
     memory = [memory_report(d) for d in dict.fromkeys(devices)] if device.gpu is not None else [memory_report(device)]
@@ -237,9 +243,7 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
         "ctf": opts.ctf.apply, "precision": precision,
         "device": {"spec": (f"cpu:{len(devices)}" if len(devices) > 1 else "cpu") if device.gpu is None
                    else "gpu:" + ",".join(str(d.gpu) for d in devices), "name": device.name},
-        "plan": {"devices": len(devices), "fft_size": grid.size, "storage": opts.storage,
-                 "layout": "single device" if len(devices) == 1
-                 else "z/y slabs, " + ("strided" if opts.strided else "contiguous")},
+        "plan": {**plan.to_dict(), "description": plan.describe()},
         "peak_memory": memory,
         "host": platform.node(), "python": sys.version.split()[0],
         "timings_s": timings,

@@ -274,6 +274,17 @@ class _Replay:
         L.alloc(key, where, r * nvox)                                    # .astype(dtype)
         L.free("blob_where", "blob_rho", "blob_idx")
 
+    def blob_build_chunked(self, where, n_planes, size, key, planes_per_chunk=8):
+        """distributed._blob_slab: the output, the (y, x) radius table, then a few planes at a time."""
+        L, r = self.L, self.r
+        L.alloc(key, where, r * n_planes * size * size)
+        L.alloc("blob_ry2", where, 8 * size * size)
+        chunk = min(planes_per_chunk, n_planes) * size * size
+        if chunk:
+            self.blob_build(where, chunk, "blob_chunk")
+            L.free("blob_chunk")
+        L.free("blob_ry2")
+
     def mask_and_correct(self, where, n):
         """soft_mask_outside + grid_correct on an (N, N, N) map (their temporaries are float64)."""
         L, v, r = self.L, n ** 3, self.r
@@ -525,11 +536,10 @@ class _Replay:
                 L.free("d")
             else:
                 L.rename("d", ("fconv", h))
-        last = G - 1                                                     # del wn, r2, stores: the loop
-        L.free(*[(k, h) for h in range(last) for k in ("r2", "tables", "dtables")])  # variable `st` keeps
-        self.window_and_invert(layout)                                   # the last store (and its
-        self.mask_and_correct(HOST, grid.box_size)                       # |k|^2) until the return
-        L.free("volume", *[("fconv", h) for h in range(G)], ("r2", last), ("tables", last), ("dtables", last))
+        L.free(*[(k, h) for h in range(G) for k in ("r2", "tables", "dtables")])   # del wn, r2, stores
+        self.window_and_invert(layout)
+        self.mask_and_correct(HOST, grid.box_size)
+        L.free("volume", *[("fconv", h) for h in range(G)])
 
     def store_decentred(self, h, f, n, itemsize, hv, packed, key):
         """_SlabStore.decentred: _decentred_rows (with a dense |k|^2 when packed), then pack."""
@@ -543,15 +553,9 @@ class _Replay:
         L.free("dense", "r2_dense")
 
     def decentred_rows(self, h, f, itemsize, hv, key):
-        """_decentred_rows: whole-grid z permutation, the y rows, their copy onto the device, mask.
-
-        The permutation runs with device h current, so on GPUs every device briefly holds a copy
-        of the whole input array (as CuPy places an operation's output on the current device).
-        """
+        """_decentred_rows: one slab-sized gather (z permuted, y rows), its copy onto the device, mask."""
         L = self.L
-        L.alloc("z_perm", h, hv * itemsize)
         L.alloc("y_rows", h, f * itemsize)
-        L.free("z_perm")
         L.alloc(key, h, f * itemsize)
         L.free("y_rows")
         L.temp(h, f)
@@ -597,7 +601,7 @@ class _Replay:
         L, r, c, G = self.L, self.r, self.c, self.G
         P = self.grid.size
         for g in range(G):
-            self.blob_build(g, len(layout.planes(g)) * P * P, ("blob", g))
+            self.blob_build_chunked(g, len(layout.planes(g)), P, ("blob", g))
             L.alloc(("inside", g), g, npk[g])
             L.alloc(("wn", g), g, npk[g] * r)
         for _ in range(self.n_iter):
@@ -1232,8 +1236,8 @@ def predict_seconds(plan: Plan, grid: PaddedGrid, calibration: dict, *, n_iter: 
     elementwise = hv * r * (_PASSES_SLABS + clamp) * (phi if packed else 1.0)
     if packed:
         elementwise += hv * (c + 1) + hv * phi * 2 * c + hv           # unpack (fill, scatter), pack
-    # setup: every device permutes the whole input (read from the input device), blob slab, r2
-    setup = G / par * hv * (r + c) / (copy["peer"] if G > 1 else copy["local"]) \
+    # setup: every device gathers its slab of the input (read from the input device), blob slab, r2
+    setup = hv * (r + c) / par / (copy["peer"] if G > 1 else copy["local"]) \
         + (hv * (2 * (r + c) + 18) + P ** 3 * _BLOB_BUILD_BYTES) / par / bw
     if n_iter:
         per_iter = fft_pair_seconds(cal, "slab", P) / par + 2 * exchange + elementwise / par / bw

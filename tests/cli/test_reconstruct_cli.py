@@ -118,8 +118,18 @@ def test_simulated_devices_give_the_single_device_map(small_set):
     one = mrcfile.read(small_set / "one.mrc").astype(np.float64)
     three = mrcfile.read(small_set / "three.mrc").astype(np.float64)
     assert np.linalg.norm(three - one) / np.linalg.norm(one) < 1e-6      # float32 files
-    assert json.loads((small_set / "three.json").read_text())["plan"]["devices"] == 3
+    assert json.loads((small_set / "three.json").read_text())["plan"]["n_devices"] == 3
     assert run(["reconstruct", "--i", star, "--o", str(small_set / "packed.mrc"), "--ctf", "--quiet",
                 "--device", "cpu:2", "--storage", "packed", "--strided"]) == 0
     packed = mrcfile.read(small_set / "packed.mrc").astype(np.float64)
     assert np.linalg.norm(packed - one) / np.linalg.norm(one) < 1e-6
+
+
+def test_auto_plan_refuses_an_impossible_budget_before_reading(small_set, capsys, monkeypatch, tmp_path_factory):
+    import omlrelion.reconstruct.autotune as autotune
+
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path_factory.mktemp("autotune-cache")))
+    monkeypatch.setattr(autotune, "free_memory", lambda devices: [10_000_000] * len(devices))
+    _expect_error(capsys, small_set, ["reconstruct", "--i", str(small_set / "particles.star"),
+                                      "--o", str(small_set / "m.mrc"), "--storage", "auto", "--device", "cpu:2"],
+                  "needs")
