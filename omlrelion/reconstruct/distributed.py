@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from omlrelion.backend import Device, get_xp, to_numpy
+from omlrelion.backend import Device, get_xp, is_gpu_array, to_numpy
 from omlrelion.geometry.grids import PaddedGrid, signed_freqs
 from omlrelion.reconstruct.gridding import (
     _BLOB_TABLE_RHO_MAX,
@@ -56,6 +56,11 @@ def _blob_slab(size: int, planes, box_size: int, pad: float, xp, dtype, *, plane
     return out
 
 
+def _device_of(a) -> Device:
+    """The Device an array lives on (the host for NumPy arrays)."""
+    return Device(int(a.device.id)) if is_gpu_array(a) else Device()
+
+
 def _decentred_rows(a_ftc, rows, r2, r2_max, dev: Device):
     """FFTW-layout y-rows `rows` of a projector-centred array, zero where |k|^2 > r2_max, on `dev`."""
     size = a_ftc.shape[0]
@@ -63,7 +68,9 @@ def _decentred_rows(a_ftc, rows, r2, r2_max, dev: Device):
     z_src = (np.arange(size) + c) % size
     y_src = (np.asarray(rows) + c) % size
     xp = get_xp(a_ftc)
-    out = _move(a_ftc[xp.asarray(z_src)[:, None], xp.asarray(y_src)[None, :], :], dev)   # one slab-sized gather
+    with _device_of(a_ftc).use():    # gather where the sums live, then copy the slab over
+        slab = a_ftc[xp.asarray(z_src)[:, None], xp.asarray(y_src)[None, :], :]
+    out = _move(slab, dev)
     out *= (r2 <= r2_max)
     return out
 
