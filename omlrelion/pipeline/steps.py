@@ -6,7 +6,6 @@ its stacks, back-project, symmetrise, reconstruct, write an MRC map and optional
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import sys
@@ -18,19 +17,20 @@ from pathlib import Path
 import numpy as np
 
 import omlrelion
-from omlrelion.ctf.ctf import CtfParams
 from omlrelion.backend import Device, memory_report, to_numpy
+from omlrelion.ctf.ctf import CtfParams
 from omlrelion.errors import InputError
 from omlrelion.fourier.symmetrise import hermitian_repair, symmetrise
 from omlrelion.geometry.euler import euler_to_matrix
 from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.geometry.symmetry import point_group_matrices
+from omlrelion.io.jsonfile import write_json
 from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
-from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
 from omlrelion.reconstruct.autotune import plan_for
 from omlrelion.reconstruct.distributed import reconstruct_map_distributed
+from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
 from omlrelion.units import r_max_for_resolution
@@ -289,14 +289,4 @@ def _check_writable(path: Path) -> None:
 
 
 def _write_json(path: Path, summary: dict) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(summary, f, indent=2, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, summary, indent=2, default=float)

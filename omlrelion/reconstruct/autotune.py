@@ -61,6 +61,7 @@ from omlrelion.backend import Device, fft_module
 from omlrelion.compress.sphere import SpherePacking, footprint_report
 from omlrelion.errors import InputError
 from omlrelion.geometry.grids import PaddedGrid, fft_friendly_size, signed_freqs
+from omlrelion.io.jsonfile import write_json
 from omlrelion.reconstruct.slab_fft import SlabFFT, SlabLayout
 from omlrelion.units import relion_round
 
@@ -880,18 +881,9 @@ def load_calibration(path) -> dict | None:
 
 def save_calibration(record: dict, path) -> None:
     """Write `record` to `path` atomically (temporary file + rename)."""
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, record, indent=1, sort_keys=True)
 
 
 def _pair_bytes(kind: str, n: int, real) -> int:
