@@ -9,7 +9,7 @@ import pytest
 from omlrelion.backend import Device
 from omlrelion.errors import InputError
 from omlrelion.geometry.grids import PaddedGrid, fft_friendly_size
-from omlrelion.reconstruct import autotune
+from omlrelion.reconstruct import autotune, calibration
 from omlrelion.reconstruct.autotune import (
     Plan,
     calibrate,
@@ -244,10 +244,10 @@ def test_calibration_measures_fits_and_round_trips(tmp_path, monkeypatch):
     save_calibration(record, path)
     assert load_calibration(path) == json.loads(json.dumps(record))
     # reused when present: no measurement
-    monkeypatch.setattr(autotune, "_time_pair", lambda *a, **k: pytest.fail("measured although cached"))
+    monkeypatch.setattr(calibration, "_time_pair", lambda *a, **k: pytest.fail("measured although cached"))
     assert get_calibration(devices, [20, 23]) == load_calibration(path)
     # re-measured with recalibrate, and saved
-    monkeypatch.setattr(autotune, "_time_pair", lambda *a, **k: (0.25, 0))
+    monkeypatch.setattr(calibration, "_time_pair", lambda *a, **k: (0.25, 0))
     again = get_calibration(devices, [20, 23], recalibrate=True, repeats=1, probe_bytes=1 << 20)
     assert set(again["fft_pair_s"]["3d"].values()) == {0.25}
     assert load_calibration(path)["fft_pair_s"] == again["fft_pair_s"]

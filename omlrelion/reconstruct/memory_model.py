@@ -1,0 +1,683 @@
+"""Memory model of the sums-to-map step: a replay of the implementation's allocations.
+
+`memory_estimate` replays, allocation by allocation, what the current implementation holds:
+the centred input sums on the input device; per device the Fourier slabs (``fw``, ``wn``, data,
+dense or packed), the int64 ``|k|^2`` and bool ``inside`` arrays, the blob slab and the
+temporaries that build it, the `SlabFFT` buffers (2D/1D FFT outputs, gathered exchange buffers,
+exchanged pieces, c2r outputs), the temporaries of every elementwise update, and the final
+window and inverse on the Q grid; or the same for the single-device path. NumPy's temporary
+elision (``a * b + c`` reusing a temporary) is followed on the host; CuPy allocates a new array
+for every operation. Library buffers: CuPy copies the input of every c2r transform and of every
+FFT along a non-last axis (ordinary pool allocations, always counted); pocketfft on the host
+allocates a c2r buffer of the input's size with ``malloc`` (counted when ``library_buffers``;
+invisible to tracemalloc). On GPUs two more terms come from the calibration: the work areas
+of the cuFFT plans CuPy keeps cached (measured per FFT side as the plan cache's size, added by
+the planner), and ``memory_factor`` (default 1.0; on a GPU, the CuPy pool's high-water mark over
+the model in two box-128 runs) for the pool's rounding and fragmentation. CUDA context memory
+is outside both; `free_memory` leaves a margin. For scale, the H200 benchmark recorded pool
+peaks of 8.9 GB (box 256) and 32.0 GB (box 400) for whole commands (back-projection and cached
+FFT plans included), where the replay of the sums-to-map step gives 3.0 and 11.4 GB.
+
+Checked against tracemalloc on the host (NumPy arrays are traced; inputs added; pocketfft's
+buffers left out): model / measured peak 0.989-1.000 over 42 runs of boxes 32-64 (P 51-131,
+r_max 12 to Nyquist), float32 and float64, both paths, G = 1-4 simulated devices, dense and
+packed, contiguous and strided slabs, an inexact FFT side, the MAP term and the no-gridding
+branch (e.g. box 48, 2 devices, packed: 29.08 MB modelled, 29.09 MB traced; the test suite
+repeats nine of them). On GPUs the model has not been checked against a run yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from omlrelion.compress.sphere import SpherePacking
+from omlrelion.geometry.grids import PaddedGrid, signed_freqs
+from omlrelion.reconstruct.plan import Plan
+from omlrelion.reconstruct.slab_fft import SlabLayout
+from omlrelion.units import relion_round
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# Memory model: a replay of the implementation's allocations
+# ------------------------------------------------------------------------------------------------
+
+HOST = -1
+_NUMPY_ELIDE_BYTES = 256 * 1024         # NumPy reuses temporaries of at least this size
+
+
+class _Ledger:
+    """Bytes alive per place (device index, or HOST), their peaks, and the peak of their sum."""
+
+    def __init__(self, n_devices: int):
+        self.live: dict = {}
+        self.current = [0] * (n_devices + 1)        # index -1: the host
+        self.peak = [0] * (n_devices + 1)
+        self.total = 0
+        self.total_peak = 0
+
+    def alloc(self, key, where: int, nbytes) -> None:
+        if key in self.live:
+            raise RuntimeError(f"memory model: {key!r} allocated twice")
+        nbytes = int(nbytes)
+        self.live[key] = (where, nbytes)
+        self.current[where] += nbytes
+        self.total += nbytes
+        self.peak[where] = max(self.peak[where], self.current[where])
+        self.total_peak = max(self.total_peak, self.total)
+
+    def free(self, *keys) -> None:
+        for key in keys:
+            if key is None or key not in self.live:
+                continue
+            where, nbytes = self.live.pop(key)
+            self.current[where] -= nbytes
+            self.total -= nbytes
+
+    def rebind(self, key, where: int, nbytes) -> None:
+        """`name = new array`: the new one is allocated while the old one is still alive."""
+        old = ("old", key)
+        if key in self.live:
+            self.live[old] = self.live.pop(key)
+        self.alloc(key, where, nbytes)
+        self.free(old)
+
+    def rename(self, old, new) -> None:
+        """The same array under a new name (NumPy's elided temporaries, `a = b` hand-overs)."""
+        self.live[new] = self.live.pop(old)
+
+    def temp(self, where: int, *sizes) -> None:
+        """Temporaries alive together for a moment, on top of everything alive now."""
+        keys = [("temp", id(sizes), i) for i in range(len(sizes))]
+        for key, size in zip(keys, sizes):
+            self.alloc(key, where, size)
+        self.free(*keys)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Modelled peak bytes of one run: per device, on the host, and of the sum (simulated devices)."""
+
+    per_device: tuple
+    host: int
+    simulated_total: int
+
+    @property
+    def max_per_device(self) -> int:
+        return max(self.per_device)
+
+
+@functools.lru_cache(maxsize=256)
+def _sphere_count(size: int, n_parts: int, strided: bool, part: int, r2_max: int, inclusive: bool) -> int:
+    """Voxels of one device's y-slab of the half grid with |k|^2 <= r2_max (< when not inclusive)."""
+    rows = SlabLayout(size, n_parts, strided).planes(part)
+    return SpherePacking(size, rows, r2_max, inclusive).n_packed
+
+
+class _Replay:
+    """Walks through one run of the sums-to-map step, recording every array it allocates.
+
+    Each method follows one function of `reconstruct.gridding` / `reconstruct.distributed` /
+    `reconstruct.slab_fft` / `compress.sphere` statement by statement; a comment names what an
+    allocation is when the code line alone does not say it.
+    """
+
+    def __init__(self, plan: Plan, grid: PaddedGrid, real, backend: str, library_buffers: bool,
+                 n_iter: int, map_term: bool):
+        if backend not in ("numpy", "cupy"):
+            raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
+        if np.dtype(real).kind != "f":
+            raise ValueError(f"real_dtype must be float32 or float64, got {np.dtype(real)}")
+        self.plan, self.grid, self.n_iter, self.map_term = plan, grid, int(n_iter), bool(map_term)
+        self.r = np.dtype(real).itemsize
+        self.c = 2 * self.r
+        self.cupy = backend == "cupy"
+        self.lib = library_buffers
+        self.G = plan.n_devices
+        self.L = _Ledger(self.G)
+
+    def run(self) -> MemoryEstimate:
+        P, H = self.grid.size, self.grid.half
+        self.L.alloc("data_in", 0, P * P * H * self.c)
+        self.L.alloc("weight_in", 0, P * P * H * self.r)
+        if self.plan.single_device_path:
+            self.single()
+        else:
+            self.distributed()
+        L = self.L
+        return MemoryEstimate(tuple(L.peak[:self.G]), L.peak[HOST], L.total_peak)
+
+    # -- small patterns ----------------------------------------------------------------------------
+    def binop_on_temp(self, key, where, nbytes, temp_key):
+        """`temp OP x`: NumPy writes into a temporary of >= 256 KiB (elision), CuPy allocates anew."""
+        if self.cupy or nbytes < _NUMPY_ELIDE_BYTES:
+            self.L.alloc(key, where, nbytes)
+            self.L.free(temp_key)
+        else:
+            self.L.rename(temp_key, key)
+
+    def c2r(self, where, in_bytes, out_key, out_bytes):
+        """A multi-axis c2r transform: its output, and CuPy's input copy / pocketfft's buffer."""
+        L = self.L
+        buffered = self.cupy or self.lib
+        if buffered:
+            L.alloc("c2r_buffer", where, in_bytes)
+        L.alloc(out_key, where, out_bytes)
+        L.free("c2r_buffer")
+
+    def radial_float64(self, where, nvox, key):
+        """sqrt(a^2 + b^2 + c^2) over a grid in float64: the sum, then its square root."""
+        self.L.alloc("rad_sum", where, 8 * nvox)
+        self.L.alloc(key, where, 8 * nvox)
+        self.L.free("rad_sum")
+
+    def blob_build(self, where, nvox, key):
+        """blob_real_space / _blob_slab: float64 radius, int64 table index, then the table lookup."""
+        L, r = self.L, self.r
+        self.radial_float64(where, nvox, "blob_sqrt")
+        self.binop_on_temp("blob_rho", where, 8 * nvox, "blob_sqrt")     # * or / (N pad)
+        L.alloc("blob_div", where, 8 * nvox)                             # rho / step
+        L.alloc("blob_floor", where, 8 * nvox)
+        L.free("blob_div")
+        L.alloc("blob_idx", where, 8 * nvox)                             # .astype(int64)
+        L.free("blob_floor")
+        L.alloc("blob_below", where, nvox)                               # idx < table size
+        L.alloc("blob_min", where, 8 * nvox)
+        L.alloc("blob_take", where, r * nvox)
+        L.free("blob_min")
+        L.alloc("blob_where", where, r * nvox)
+        L.free("blob_below", "blob_take")
+        L.alloc(key, where, r * nvox)                                    # .astype(dtype)
+        L.free("blob_where", "blob_rho", "blob_idx")
+
+    def blob_build_chunked(self, where, n_planes, size, key, planes_per_chunk=8):
+        """distributed._blob_slab: the output, the (y, x) radius table, then a few planes at a time."""
+        L, r = self.L, self.r
+        L.alloc(key, where, r * n_planes * size * size)
+        L.alloc("blob_ry2", where, 8 * size * size)
+        chunk = min(planes_per_chunk, n_planes) * size * size
+        if chunk:
+            self.blob_build(where, chunk, "blob_chunk")
+            L.free("blob_chunk")
+        L.free("blob_ry2")
+
+    def mask_and_correct(self, where, n):
+        """soft_mask_outside + grid_correct on an (N, N, N) map (their temporaries are float64)."""
+        L, v, r = self.L, n ** 3, self.r
+        self.radial_float64(where, v, "m_r")
+        L.alloc("m_b1", where, v)                                        # r < radius
+        L.alloc("m_b2", where, v)                                        # r > outer
+        L.alloc("m_t", where, 8 * v)                                     # raised cosine: at most two
+        L.alloc("m_t2", where, 8 * v)                                    # float64 temporaries at once
+        L.free("m_t")
+        L.alloc("m_inner", where, 8 * v)
+        L.free("m_b2", "m_t2")
+        L.alloc("m_c", where, 8 * v)
+        L.free("m_b1", "m_inner")
+        L.alloc("m_v", where, 8 * v)                                     # volume.astype(float64)
+        L.temp(where, 8 * v)                                             # c * v
+        L.alloc("m_1c", where, 8 * v)                                    # (1 - c) * v + c * b
+        self.binop_on_temp("m_1cv", where, 8 * v, "m_1c")
+        L.alloc("m_cb", where, 8 * v)
+        self.binop_on_temp("m_sum", where, 8 * v, "m_1cv")
+        L.free("m_cb")
+        L.temp(where, r * v)                                             # .astype(volume.dtype)
+        L.free("m_sum", "m_r", "m_c", "m_v")
+        self.radial_float64(where, v, "g_r")                             # grid_correct
+        self.binop_on_temp("g_arg", where, 8 * v, "g_r")                 # / (N pad)
+        if self.cupy:
+            L.alloc("g_s", where, 8 * v)                                 # CuPy's sinc: one kernel
+        else:                                                            # numpy.sinc: pi x, where, sin
+            L.alloc("g_pix", where, 8 * v)
+            L.alloc("g_y", where, 8 * v)
+            L.alloc("g_s", where, 8 * v)
+            L.free("g_pix", "g_y")
+        L.free("g_arg")
+        L.alloc("g_ss", where, 8 * v)
+        L.temp(where, r * v)
+        L.free("g_s", "g_ss")
+
+    def map_term_steps(self, where, nvox, own_r2: bool):
+        """add_map_term over `nvox` voxels (its own int64 |k|^2 on the single-device path)."""
+        L, r = self.L, self.r
+        if own_r2:
+            L.alloc("mt_r2", where, 8 * nvox)                            # radius2_ft
+        L.alloc("mt_f", where, 8 * nvox)                                 # r2.astype(float64)
+        L.alloc("mt_k", where, 8 * nvox)                                 # sqrt
+        L.free("mt_f")
+        self.binop_on_temp("mt_kp", where, 8 * nvox, "mt_k")             # / pad
+        self.binop_on_temp("mt_kp5", where, 8 * nvox, "mt_kp")           # + 0.5
+        L.alloc("mt_fl", where, 8 * nvox)
+        L.free("mt_kp5")
+        L.alloc("mt_shell", where, 8 * nvox)                             # .astype(int64)
+        L.free("mt_fl")
+        L.alloc("mt_b1", where, nvox)                                    # (r2 < R2) & (shell >= minres)
+        L.alloc("mt_b2", where, nvox)
+        self.binop_on_temp("mt_inside", where, nvox, "mt_b1")
+        L.free("mt_b2")
+        L.alloc("mt_min", where, 8 * nvox)                               # tau2[minimum(shell, n - 1)]
+        L.alloc("mt_t", where, 8 * nvox)
+        L.free("mt_min")
+        L.alloc("mt_w", where, 8 * nvox)                                 # weight.astype(float64)
+        # where(t > 0, 1 / (c * where(t > 0, t, 1)), where((t < e) & (w > e), 1 / (d * where(w > e, w, 1)), 0))
+        L.alloc("mt_a1", where, nvox)
+        L.alloc("mt_b", where, nvox)
+        L.alloc("mt_w1", where, 8 * nvox)
+        L.free("mt_b")
+        self.binop_on_temp("mt_cw1", where, 8 * nvox, "mt_w1")
+        L.alloc("mt_d1", where, 8 * nvox)
+        L.free("mt_cw1")
+        L.alloc("mt_bt", where, nvox)
+        L.alloc("mt_bw", where, nvox)
+        self.binop_on_temp("mt_and", where, nvox, "mt_bt")
+        L.free("mt_bw")
+        L.alloc("mt_b", where, nvox)
+        L.alloc("mt_w2", where, 8 * nvox)
+        L.free("mt_b")
+        self.binop_on_temp("mt_dw2", where, 8 * nvox, "mt_w2")
+        L.alloc("mt_d2", where, 8 * nvox)
+        L.free("mt_dw2")
+        L.alloc("mt_e2", where, 8 * nvox)
+        L.free("mt_d2", "mt_and")
+        L.alloc("mt_add", where, 8 * nvox)
+        L.free("mt_a1", "mt_d1", "mt_e2")
+        L.alloc("mt_wh", where, 8 * nvox)                                # where(inside, add, 0)
+        L.temp(where, r * nvox)                                          # .astype(dtype)
+        L.free("mt_wh", "mt_add", "mt_w", "mt_t", "mt_shell", "mt_inside", "mt_r2")
+
+    def shell_floor_steps(self, parts, key):
+        """shell_floor_weights: per part (device, voxels, voxels inside) float64 shells, then the
+        float64 weights 1 / max(W, floor) as (key, part)."""
+        L, r = self.L, self.r
+        for i, (where, n, n_in) in enumerate(parts):
+            L.alloc("sf_f", where, 8 * n)                                # r2.astype(float64)
+            L.alloc("sf_k", where, 8 * n)
+            L.free("sf_f")
+            self.binop_on_temp("sf_kp", where, 8 * n, "sf_k")            # / pad
+            L.alloc("sf_fl", where, 8 * n)
+            L.free("sf_kp")
+            L.alloc(("sf_shell", i), where, 8 * n)
+            L.free("sf_fl")
+            L.rebind("sf_inside", where, n)
+            L.alloc("sf_sel", where, 8 * n_in)                           # shell[inside]
+            L.temp(where, r * n_in, 8 * n_in)                            # w[inside].astype(float64)
+            L.free("sf_sel")
+            L.temp(where, 8 * n_in)
+        for i, (where, n, _) in enumerate(parts):
+            L.alloc("sf_w64", where, 8 * n)
+            L.alloc("sf_min", where, 8 * n)
+            L.alloc("sf_take", where, 8 * n)
+            L.free("sf_min")
+            L.rebind("sf_m", where, 8 * n)                               # maximum(...)
+            L.free("sf_w64", "sf_take")
+            L.alloc("sf_b1", where, n)
+            L.alloc("sf_b2", where, n)
+            L.alloc("sf_wh", where, 8 * n)
+            L.free("sf_b2")
+            L.alloc("sf_d", where, 8 * n)
+            L.free("sf_wh")
+            L.alloc((key, i), where, 8 * n)
+            L.free("sf_b1", "sf_d")
+        L.free("sf_m", "sf_inside", *[("sf_shell", i) for i in range(len(parts))])
+
+    # -- single-device path: reconstruct_map -----------------------------------------------------
+    def single(self):
+        L, r, c, d = self.L, self.r, self.c, 0
+        P, H, n = self.grid.size, self.grid.half, self.plan.fft_size
+        hv = P * P * H
+        L.alloc("fw", d, hv * r)                                         # decentre: ifftshift copy
+        L.temp(d, 8 * hv, hv)                                            # |k|^2 int64, then the bool mask
+        if self.map_term:
+            self.map_term_steps(d, hv, own_r2=True)
+        if self.n_iter <= 0:
+            L.alloc("sf_r2", d, 8 * hv)                                  # radius2_ft argument
+            self.shell_floor_steps([(d, hv, self.inside_count())], "wn")
+            L.rename(("wn", 0), "wn")
+            L.free("sf_r2")
+        else:
+            self.single_gridding(n)
+        L.free("fw")
+        L.alloc("fconv", d, hv * c)                                      # decentre(data)
+        L.temp(d, 8 * hv, hv)
+        if self.n_iter <= 0 and r != 8:
+            L.temp(d, hv * r)                                            # float64 wn.astype(real)
+        L.free("wn")
+        q = self.grid.final_size
+        hq = q * q * (q // 2 + 1)
+        L.alloc("f2_window", d, hq * c)                                  # window_ft
+        if q <= P:
+            L.temp(d, hq * c)                                            # fancy-indexed block
+        else:
+            L.temp(d, 8 * hv, hv, hv * c)                                # enlarging: mask, masked copy
+        L.alloc("f2_sign", d, hq * r)                                    # centre_by_sign's checkerboard
+        L.alloc("f2", d, hq * c)
+        L.free("f2_sign", "f2_window", "fconv")
+        self.c2r(d, hq * c, "v_full", q ** 3 * r)
+        L.free("f2")
+        N = self.grid.box_size
+        L.alloc("v", d, N ** 3 * r)                                      # crop .copy()
+        L.free("v_full")
+        self.mask_and_correct(d, N)
+        L.free("v")
+
+    def single_gridding(self, n):
+        """gridding_weights: the NumPy loop, or the fused CuPy kernels (no mask or blob array)."""
+        L, r, c, d = self.L, self.r, self.c, 0
+        P = self.grid.size
+        hn, real_n = n * n * (n // 2 + 1), n ** 3
+        if n > P:
+            L.alloc("fw_e", d, hn * r)                                   # embed_ft
+        if self.cupy:
+            L.alloc("wn_e", d, hn * r)
+            L.alloc("conv", d, hn * c)
+            for _ in range(self.n_iter):
+                self.c2r(d, hn * c, "m", real_n * r)
+                L.rebind("conv", d, hn * c)                              # rfftn(m)
+                L.free("m")
+            L.free("conv")
+        else:
+            L.alloc("g_r2", d, 8 * hn)                                   # radius2_ft
+            L.alloc("inside", d, hn)
+            L.free("g_r2")
+            L.alloc("wn_e", d, hn * r)
+            self.blob_build(d, real_n, "blob")
+            for _ in range(self.n_iter):
+                L.alloc("prod", d, hn * r)                               # wn * fw
+                L.alloc("cplx", d, hn * c)                               # scipy's c2rn: real input + 0j
+                self.c2r(d, hn * c, "m", real_n * r)
+                L.free("prod", "cplx")
+                L.alloc("conv", d, hn * c)                               # rfftn(m)
+                L.free("m")
+                L.alloc("u_abs", d, hn * r)
+                L.alloc("u_max", d, hn * r)
+                L.free("u_abs")
+                L.alloc("u_div", d, hn * r)
+                L.free("u_max")
+                L.rebind("wn_e", d, hn * r)                              # where(inside, wn / mag, wn)
+                L.free("u_div", "conv")
+                if r == 4:
+                    L.rebind("wn_e", d, hn * r)                          # minimum(wn, 1e20)
+            L.free("inside", "blob")
+        if n > P:
+            L.alloc("wn", d, P * P * self.grid.half * r)                 # extract_ft
+            L.free("wn_e", "fw_e")
+        else:
+            L.rename("wn_e", "wn")
+
+    def inside_count(self, n_parts: int = 1, strided: bool = False, part: int = 0) -> int:
+        """Voxels of a slab with |k|^2 < round((r_max pad)^2) (the shells of the no-gridding floor)."""
+        g = self.grid
+        limit = relion_round((g.r_max * g.pad) ** 2)
+        return _sphere_count(g.size, n_parts, strided, part, max(limit - 1, 0), True)
+
+    # -- distributed path: reconstruct_map_distributed and _reconstruct_packed -------------------
+    def distributed(self):
+        L, r, c, G = self.L, self.r, self.c, self.G
+        grid, plan = self.grid, self.plan
+        P, H = grid.size, grid.half
+        hv = P * P * H
+        layout = SlabLayout(P, G, plan.strided)
+        ny = [len(layout.planes(h)) for h in range(G)]
+        F = [P * ny[h] * H for h in range(G)]
+        packed = plan.storage == "packed"
+        npk = [_sphere_count(P, G, plan.strided, h, grid.r2_sphere, True) for h in range(G)] if packed else F
+        for h in range(G):                                               # _SlabStore: packing, |k|^2
+            if packed:
+                L.alloc(("tables", h), HOST, 16 * P * ny[h] + 8)        # SpherePacking counts, offsets
+                if self.cupy:
+                    L.alloc(("dtables", h), h, 16 * P * ny[h] + 8)       # their device copies
+                self.packed_r2(h, npk[h], P * ny[h], ("r2", h))
+            else:
+                L.alloc(("r2", h), h, 8 * F[h])
+        for h in range(G):
+            self.store_decentred(h, F[h], npk[h], r, hv, packed, ("fw", h))
+        if self.map_term:
+            for h in range(G):
+                self.map_term_steps(h, npk[h], own_r2=False)
+        if self.n_iter <= 0:
+            inside = [npk[h] if packed else self.inside_count(G, plan.strided, h) for h in range(G)]
+            self.shell_floor_steps([(h, npk[h], inside[h]) for h in range(G)], "wn")
+            wn_itemsize = 8
+        else:
+            self.slab_gridding(layout, F, npk, packed)
+            wn_itemsize = r
+        L.free(*[("fw", h) for h in range(G)])
+        for h in range(G):
+            self.store_decentred(h, F[h], npk[h], c, hv, packed, "d")
+            if wn_itemsize != r:
+                L.temp(h, npk[h] * r)                                    # float64 wn.astype(real)
+            L.free(("wn", h))                                            # wn[h] = None
+            if packed:
+                self.unpack(h, F[h], c, ("fconv", h))
+                L.free("d")
+            else:
+                L.rename("d", ("fconv", h))
+        L.free(*[(k, h) for h in range(G) for k in ("r2", "tables", "dtables")])   # del wn, r2, stores
+        self.window_and_invert(layout)
+        self.mask_and_correct(HOST, grid.box_size)
+        L.free("volume", *[("fconv", h) for h in range(G)])
+
+    def store_decentred(self, h, f, n, itemsize, hv, packed, key):
+        """_SlabStore.decentred: _decentred_rows (with a dense |k|^2 when packed), then pack."""
+        if not packed:
+            self.decentred_rows(h, f, itemsize, hv, key)
+            return
+        L = self.L
+        L.alloc("r2_dense", h, 8 * f)
+        self.decentred_rows(h, f, itemsize, hv, "dense")
+        self.pack(h, f, n, itemsize, key)
+        L.free("dense", "r2_dense")
+
+    def decentred_rows(self, h, f, itemsize, hv, key):
+        """_decentred_rows: one slab-sized gather (z permuted, y rows), its copy onto the device, mask."""
+        L = self.L
+        L.alloc("y_rows", h, f * itemsize)
+        L.alloc(key, h, f * itemsize)
+        L.free("y_rows")
+        L.temp(h, f)
+
+    def pack(self, h, f, n, itemsize, key):
+        """pack: the packed array; on the host also the chunk's bool mask and dense[mask]."""
+        self.L.alloc(key, h, n * itemsize)
+        if not self.cupy:
+            self.L.temp(h, f, n * itemsize)
+
+    def unpack(self, h, f, itemsize, key):
+        """unpack: the dense slab; on the host also the chunk's bool mask."""
+        self.L.alloc(key, h, f * itemsize)
+        if not self.cupy:
+            self.L.temp(h, f)
+
+    def packed_r2(self, h, n, n_rows, key):
+        """packed_frequencies + packed_r2: int64 arrays per stored voxel."""
+        L = self.L
+        L.alloc("pf_filled", h, 8 * n_rows)
+        L.alloc("pf_steps", h, 8 * n)
+        L.alloc("pf_row", h, 8 * n)                                      # cumsum
+        L.alloc("pf_t", h, 8 * n)                                        # row // ny
+        L.alloc("pf_kz", h, 8 * n)
+        L.free("pf_t")
+        L.alloc("pf_t", h, 8 * n)                                        # row % ny
+        L.alloc("pf_ky", h, 8 * n)
+        L.free("pf_t")
+        L.alloc("pf_ar", h, 8 * n)                                       # arange - offsets[row]
+        L.alloc("pf_off", h, 8 * n)
+        self.binop_on_temp("pf_kx", h, 8 * n, "pf_ar")
+        L.free("pf_off", "pf_steps", "pf_row", "pf_filled")
+        L.alloc("pf_kz2", h, 8 * n)                                      # kz*kz + ky*ky + kx*kx
+        L.alloc("pf_ky2", h, 8 * n)
+        self.binop_on_temp("pf_s1", h, 8 * n, "pf_kz2")
+        L.free("pf_ky2")
+        L.alloc("pf_kx2", h, 8 * n)
+        self.binop_on_temp(key, h, 8 * n, "pf_s1")
+        L.free("pf_kx2", "pf_kz", "pf_ky", "pf_kx")
+
+    def slab_gridding(self, layout, F, npk, packed):
+        """_gridding (dense) or the loop of _reconstruct_packed."""
+        L, r, c, G = self.L, self.r, self.c, self.G
+        P = self.grid.size
+        for g in range(G):
+            self.blob_build_chunked(g, len(layout.planes(g)), P, ("blob", g))
+            L.alloc(("inside", g), g, npk[g])
+            L.alloc(("wn", g), g, npk[g] * r)
+        for _ in range(self.n_iter):
+            for h in range(G):
+                L.alloc("prod", h, npk[h] * r)                           # wn * fw
+                if packed:
+                    L.alloc("prod_c", h, npk[h] * c)
+                    L.free("prod")
+                    self.unpack(h, F[h], c, ("conv", h))
+                    L.free("prod_c")
+                else:
+                    L.alloc(("conv", h), h, F[h] * c)                    # .astype(complex)
+                    L.free("prod")
+            self.slab_inverse(layout, layout, P, "conv", "m")
+            L.free(*[("conv", h) for h in range(G)])
+            self.slab_forward(layout, P, "m", "conv")
+            L.free(*[("m", g) for g in range(G)])
+            for h in range(G):
+                if packed:
+                    self.pack(h, F[h], npk[h], c, "pk")
+                    L.alloc("u_abs", h, npk[h] * r)
+                    L.free("pk")
+                else:
+                    L.alloc("u_abs", h, npk[h] * r)
+                L.alloc("u_max", h, npk[h] * r)
+                L.free("u_abs")
+                L.rebind("mag", h, npk[h] * r)                           # .astype(real)
+                L.free("u_max", ("conv", h))                             # conv[h] = None
+                L.alloc("u_div", h, npk[h] * r)
+                L.rebind(("wn", h), h, npk[h] * r)                       # where(inside, wn / mag, wn)
+                L.free("u_div")
+                if r == 4:
+                    L.rebind(("wn", h), h, npk[h] * r)                   # minimum(wn, 1e20)
+            L.free(*[("conv", h) for h in range(G)])
+        L.free("mag", *[("blob", g) for g in range(G)], *[("inside", g) for g in range(G)])
+
+    def slab_inverse(self, ylayout, zlayout, n, src, dst):
+        """SlabFFT.inverse: 1D c2c along z, exchange by z planes, 2D c2r per device."""
+        L, r, c, G = self.L, self.r, self.c, self.G
+        half = n // 2 + 1
+        ny = [len(ylayout.planes(h)) for h in range(G)]
+        nz = [len(zlayout.planes(g)) for g in range(G)]
+        for h in range(G):
+            if self.cupy:
+                L.temp(h, n * ny[h] * half * c)                          # transposed copy for axis 0
+            L.alloc(("cols", h), h, n * ny[h] * half * c)
+        for g in range(G):
+            L.rebind("gathered", g, nz[g] * n * half * c)
+            z_is_slice = isinstance(zlayout.selector(g), slice)
+            for h in range(G):
+                piece = nz[g] * ny[h] * half * c
+                if self.cupy or not z_is_slice:                         # CuPy's z-FFT output is a
+                    L.rebind("piece", h, piece)                         # transposed view: sliced, it
+                else:                                                   # is copied to be contiguous
+                    L.free("piece")
+                L.temp(g, piece)                                         # _move onto device g
+            self.c2r(g, nz[g] * n * half * c, (dst, g), nz[g] * n * n * r)
+        L.free("gathered", "piece", *[("cols", h) for h in range(G)])
+
+    def slab_forward(self, layout, n, src, dst):
+        """SlabFFT.forward: 2D r2c per device, exchange by y rows, 1D c2c along z."""
+        L, c, G = self.L, self.c, self.G
+        half = n // 2 + 1
+        nz = [len(layout.planes(g)) for g in range(G)]
+        for g in range(G):
+            L.alloc(("planes", g), g, nz[g] * n * half * c)
+        for h in range(G):
+            ny = len(layout.planes(h))
+            L.rebind("gathered", h, n * ny * half * c)
+            for g in range(G):
+                piece = nz[g] * ny * half * c
+                if ny == n:                                              # all rows: a contiguous view
+                    L.free("piece")
+                else:
+                    L.rebind("piece", g, piece)
+                L.temp(h, piece)                                         # _move onto device h
+            if self.cupy:
+                L.temp(h, n * ny * half * c)                             # transposed copy for axis 0
+            L.alloc((dst, h), h, n * ny * half * c)
+        L.free("gathered", "piece", *[("planes", g) for g in range(G)])
+
+    def window_and_invert(self, layout):
+        """_window_and_invert: P rows -> Q rows per device, sign, SlabFFT.inverse on Q, gather."""
+        L, r, c, G = self.L, self.r, self.c, self.G
+        grid = self.grid
+        P, q, N = grid.size, grid.final_size, grid.box_size
+        qh = q // 2 + 1
+        parts = _q_parts(P, q, G, self.plan.strided)
+        kx_len = min(P // 2 + 1, qh)
+        for h in range(G):
+            nq = len(parts[h][0])
+            L.alloc(("slab", h), h, q * nq * qh * c)                     # zeros
+            if nq:
+                L.alloc("w_zperm", h, q * len(layout.planes(h)) * (P // 2 + 1) * c)
+                L.rebind("block", h, q * nq * kx_len * c)
+                L.free("w_zperm")
+                if q > P:                                                # enlarging: |k|^2 mask
+                    L.temp(h, 8 * q * nq * kx_len, q * nq * kx_len, q * nq * kx_len * c)
+                L.temp(h, 8 * q * nq * qh, q * nq * qh * r)              # int64 signs, .astype
+        n_last = len(parts[-1][1])
+        if n_last != len(parts[-1][0]):                                   # rows no device has: a larger
+            L.rename(("slab", G - 1), "w_out")                           # last slab (`out` keeps the
+            L.alloc(("slab", G - 1), G - 1, q * n_last * qh * c)         # old one alive)
+        ylayout = SlabLayout(q, G, parts=tuple(p[1] for p in parts))
+        zlayout = SlabLayout(q, G, self.plan.strided)
+        self.slab_inverse(ylayout, zlayout, q, "slab", "real")
+        L.alloc("volume", HOST, N ** 3 * r)
+        lo = q // 2 - N // 2
+        for g in range(G):
+            planes = zlayout.planes(g)
+            nsel = int(np.count_nonzero((planes >= lo) & (planes < lo + N)))
+            if nsel:
+                L.rebind("part", g, nsel * q * q * r)
+                if self.cupy:
+                    L.temp(g, nsel * N * N * r)                          # contiguous copy for the host
+                    L.temp(HOST, nsel * N * N * r)
+        L.free("block", "w_out", "part", *[("real", g) for g in range(G)], *[("slab", h) for h in range(G)])
+
+
+def _q_parts(size: int, q: int, n_parts: int, strided: bool):
+    """Per device: (Q rows from its own P rows, Q rows it holds after the last one takes the rest)."""
+    layout = SlabLayout(size, n_parts, strided)
+    k_in = signed_freqs(size, np)
+    q_index = {int(k): i for i, k in enumerate(signed_freqs(q, np))}
+    own = [tuple(sorted(q_index[int(k)] for k in k_in[layout.planes(h)] if int(k) in q_index))
+           for h in range(n_parts)]
+    covered = {i for part in own for i in part}
+    missing = tuple(i for i in range(q) if i not in covered)
+    held = list(own)
+    if missing:
+        held[-1] = tuple(sorted(held[-1] + missing))
+    return [(own[h], held[h]) for h in range(n_parts)]
+
+
+def memory_estimate(plan: Plan, grid: PaddedGrid, real_dtype=np.float32, *, backend: str = "cupy",
+                    library_buffers: bool = True, n_iter: int = 10, map_term: bool = False) -> MemoryEstimate:
+    """Modelled peak memory of one sums-to-map run of `plan` on `grid` (see the module docstring).
+
+    backend : "cupy" (GPUs) or "numpy" (host devices): which library copies and temporaries occur.
+    library_buffers : count pocketfft's c2r buffers on the host (not seen by tracemalloc).
+    n_iter : gridding iterations; 0 models the no-gridding branch.
+    map_term : a tau2 (MAP) term is added to the weights.
+    """
+    if plan.fft_size < grid.size:
+        raise ValueError(f"fft_size {plan.fft_size} is smaller than the padded grid {grid.size}")
+    if plan.fft_size != grid.size and not plan.single_device_path:
+        raise ValueError(f"fft_size {plan.fft_size} != P {grid.size} is only supported by the single-device "
+                         "dense path")
+    replay = _Replay(plan, grid, real_dtype, backend, library_buffers, n_iter, map_term)
+    return replay.run()
+
+
+def memory_per_device(plan: Plan, grid: PaddedGrid, real_dtype=np.float32, **kwargs) -> int:
+    """Modelled peak bytes on the busiest device (the input device holds the input sums).
+
+    Keywords as `memory_estimate` (backend="cupy" by default: what a GPU holds, before the
+    calibration's memory_factor).
+    """
+    return memory_estimate(plan, grid, real_dtype, **kwargs).max_per_device

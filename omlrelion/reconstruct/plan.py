@@ -1,0 +1,120 @@
+"""A plan of the sums-to-map step (devices, storage, slab layout, FFT side) and what it needs to know
+about the devices (their free memory)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+from omlrelion.backend import Device
+from omlrelion.geometry.grids import PaddedGrid
+
+log = logging.getLogger(__name__)
+
+
+STORAGES = ("dense", "packed")
+
+
+CACHE_ENV = "OMLRELION_AUTOTUNE_CACHE"
+
+
+CALIBRATION_FORMAT = 1
+
+
+_INEXACT_PRIMES = ((2, 3, 5, 7), (2, 3, 5), (2, 3), (2,))
+
+
+_INEXACT_MAX_GROWTH = 1.15          # friendly FFT sides considered: at most 15% above P
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the sums-to-map step runs.
+
+    n_devices : devices used (the first n of the list); 1 with dense storage is the single-device
+        path `reconstruct_map`, anything else `reconstruct_map_distributed`.
+    storage : "dense" or "packed" (Fourier arrays kept only inside the sphere).
+    strided : slab layout over several devices (plane p on device p mod G) instead of blocks.
+    fft_size : side of the gridding loop's FFTs: RELION's odd P (exact), or a larger FFT-friendly
+        side (single-device path only; differs from RELION's grid by ~4e-4 relative).
+    """
+
+    n_devices: int
+    storage: str
+    strided: bool
+    fft_size: int
+
+    def __post_init__(self):
+        if int(self.n_devices) < 1:
+            raise ValueError(f"n_devices must be >= 1, got {self.n_devices}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
+
+    @property
+    def single_device_path(self) -> bool:
+        """True when the plan runs `reconstruct_map` (one device, dense)."""
+        return self.n_devices == 1 and self.storage == "dense"
+
+    def is_exact(self, grid: PaddedGrid) -> bool:
+        """True when the FFTs run on RELION's own grid side P."""
+        return self.fft_size == grid.size
+
+    def describe(self) -> str:
+        """One line, e.g. '2 devices, packed, strided slabs, fft 515'."""
+        parts = [f"{self.n_devices} device" + ("s" if self.n_devices > 1 else ""), self.storage]
+        if self.n_devices > 1:
+            parts.append("strided slabs" if self.strided else "contiguous slabs")
+        parts.append(f"fft {self.fft_size}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (the dataclass fields)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(int(d["n_devices"]), str(d["storage"]), bool(d["strided"]), int(d["fft_size"]))
+
+
+def largest_prime_factor(n: int) -> int:
+    """Largest prime factor of n >= 2 (1 for n = 1)."""
+    n, p, largest = int(n), 2, 1
+    while p * p <= n:
+        while n % p == 0:
+            largest, n = p, n // p
+        p += 1
+    return max(largest, n) if n > 1 else largest
+
+
+def _host_available_bytes() -> tuple[int, int]:
+    """(MemAvailable, MemTotal) of the host in bytes, from /proc/meminfo (sysconf elsewhere)."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info[key] = int(value.split()[0]) * 1024
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def free_memory(devices: list[Device], *, margin_fraction: float = 0.05) -> list[int]:
+    """Bytes each device may use now, less a safety margin of `margin_fraction` of its total.
+
+    GPU: `cudaMemGetInfo`'s free bytes plus the CuPy pool's cached free blocks. Host devices
+    (simulated GPUs) share the host's MemAvailable: each entry is that shared amount.
+    """
+    out = []
+    for dev in devices:
+        if dev.gpu is None:
+            free, total = _host_available_bytes()
+        else:
+            cp = dev.xp
+            with dev.use():
+                free, total = cp.cuda.runtime.memGetInfo()
+                free += cp.get_default_memory_pool().free_bytes()
+        out.append(max(int(free - margin_fraction * total), 0))
+    return out
