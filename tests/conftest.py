@@ -72,3 +72,30 @@ def padded_sums(rng):
         return grid, data, weight
 
     return make
+
+
+@pytest.fixture
+def read_only_folder():
+    """Factory: `with read_only_folder(parent) as folder:` a folder with mode 0o500.
+
+    Skips the test where permissions are not enforced (running as root).
+    """
+    from contextlib import contextmanager
+
+    @contextmanager
+    def make(parent: Path):
+        folder = parent / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        try:
+            try:
+                (folder / "probe").touch()
+            except PermissionError:
+                yield folder
+            else:
+                (folder / "probe").unlink()
+                pytest.skip("directory permissions are not enforced here (running as root)")
+        finally:
+            folder.chmod(0o700)
+
+    return make

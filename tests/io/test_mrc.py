@@ -1,7 +1,6 @@
 """MRC maps and MRCS stacks: round trips, modes, header fields, atomic writes, every error case."""
 
 import os
-from contextlib import contextmanager
 import warnings
 from pathlib import Path
 
@@ -18,24 +17,6 @@ from omlrelion.io.mrc import ImageStack, read_map, write_map, write_stack
 @pytest.fixture
 def rng():
     return np.random.default_rng(20240611)
-
-
-@contextmanager
-def read_only_folder(parent: Path):
-    """A folder with mode 0o500; skips the test where permissions are not enforced (root)."""
-    folder = parent / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        try:
-            (folder / "probe").touch()
-        except PermissionError:
-            yield folder
-        else:
-            (folder / "probe").unlink()
-            pytest.skip("directory permissions are not enforced here (running as root)")
-    finally:
-        folder.chmod(0o700)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -288,7 +269,7 @@ def test_write_into_missing_folder(tmp_path, rng, writer):
 
 
 @pytest.mark.parametrize("writer", [write_map, write_stack])
-def test_write_into_read_only_folder(tmp_path, rng, writer):
+def test_write_into_read_only_folder(tmp_path, read_only_folder, rng, writer):
     with read_only_folder(tmp_path) as folder:
         with pytest.raises(InputError, match="writable") as err:
             writer(folder / "out.mrc", rng.standard_normal((2, 4, 4)), 1.0)

@@ -1,7 +1,6 @@
 """RELION STAR particle files: 3.0 and 3.1 layouts, image-name resolution, writers, error cases."""
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +29,6 @@ def images(tmp_path, rng):
     data = rng.standard_normal((5, BOX, BOX)).astype(np.float32)
     write_stack(tmp_path / "stack.mrcs", data, APIX)
     return data
-
-
-@contextmanager
-def read_only_folder(parent: Path):
-    """A folder with mode 0o500; skips the test where permissions are not enforced (root)."""
-    folder = parent / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        try:
-            (folder / "probe").touch()
-        except PermissionError:
-            yield folder
-        else:
-            (folder / "probe").unlink()
-            pytest.skip("directory permissions are not enforced here (running as root)")
-    finally:
-        folder.chmod(0o700)
 
 
 def loop(name, labels, rows):
@@ -362,7 +343,7 @@ def test_write_star_permission_denied(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_write_particles_read_only_folder(tmp_path, images):
+def test_write_particles_read_only_folder(tmp_path, read_only_folder, images):
     ps = read_particles(star31(tmp_path))
     with read_only_folder(tmp_path) as folder:
         with pytest.raises(InputError, match="writable") as err:
