@@ -17,10 +17,8 @@ import numpy as np
 from omlrelion.backend import Device, get_xp, is_gpu_array, to_numpy
 from omlrelion.geometry.grids import PaddedGrid, signed_freqs
 from omlrelion.reconstruct.gridding import (
-    _BLOB_TABLE_RHO_MAX,
-    _BLOB_TABLE_SIZE,
     add_map_term,
-    blob_table,
+    blob_real_space,
     grid_correct,
     shell_floor_weights,
     soft_mask_outside,
@@ -34,26 +32,6 @@ def _r2_slab(size: int, rows, xp):
     ky = k[xp.asarray(rows)]
     kx = xp.arange(size // 2 + 1, dtype=xp.int64)
     return k[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2
-
-
-def _blob_slab(size: int, planes, box_size: int, pad: float, xp, dtype, *, planes_per_chunk: int = 8):
-    """T(|r| / (N pad)) on the z-planes `planes` of the side-`size` real grid (RELION's floor table).
-
-    Built a few planes at a time, so the float64 radii and table indices never exist for the whole slab.
-    """
-    table = xp.asarray(blob_table(), dtype=dtype)
-    i = np.arange(size)
-    r = np.where(i < size // 2, i, i - size).astype(np.float64)
-    planes = np.asarray(planes)
-    ry2 = xp.asarray(r)[:, None] ** 2 + xp.asarray(r)[None, :] ** 2
-    out = xp.empty((len(planes), size, size), dtype=dtype)
-    for start in range(0, len(planes), planes_per_chunk):
-        rz = xp.asarray(r[planes[start:start + planes_per_chunk]])
-        rho = xp.sqrt(rz[:, None, None] ** 2 + ry2[None]) / (box_size * pad)
-        idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
-        out[start:start + planes_per_chunk] = xp.where(idx < _BLOB_TABLE_SIZE,
-                                                       table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0)
-    return out
 
 
 def _device_of(a) -> Device:
@@ -164,7 +142,8 @@ def _gridding(fft: SlabFFT, fw, stores, grid: PaddedGrid, n_iter: int, devices, 
     blobs, inside, wn = [], [], []
     for g, dev in enumerate(devices):
         with dev.use():
-            blobs.append(_blob_slab(grid.size, fft.z_layout.planes(g), grid.box_size, grid.pad, dev.xp, real))
+            blobs.append(blob_real_space(grid.size, grid.box_size, grid.pad, dev.xp, real,
+                                         planes=fft.z_layout.planes(g)))
             inside.append(stores[g].r2 < grid.r2_sphere)
             wn.append(inside[g].astype(real))
     for _ in range(n_iter):

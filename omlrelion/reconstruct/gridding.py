@@ -71,21 +71,29 @@ def blob_table(*, radius: float = 2 * BLOB_RADIUS, alpha: float = BLOB_ALPHA, or
         0.0, radius=radius, alpha=alpha, order=order)
 
 
-def blob_real_space(size: int, box_size: int, pad: float, xp, dtype, *, scale: float = 1.0):
-    """T(|r| / (N pad)) on the (size,)^3 real grid of the gridding FFT (floor lookup, 0 past 0.5).
+def blob_real_space(size: int, box_size: int, pad: float, xp, dtype, *, scale: float = 1.0, planes=None,
+                    planes_per_chunk: int = 8):
+    """T(|r| scale / (N pad)) on the z-planes `planes` (default all) of the side-`size` real grid.
 
-    Separable in nothing, so it is built from |r|^2 = rz^2 + ry^2 + rx^2 with RELION's signed index
-    rule r = i if i < size // 2 else i - size; returned as a float array (size, size, size).
+    RELION's floor lookup in its table, 0 past rho = 0.5; r per axis by RELION's signed index rule
+    r = i if i < size // 2 else i - size. Built a few planes at a time, so the float64 radii and
+    table indices never exist for the whole grid. Returns (len(planes), size, size) of `dtype`.
     """
     table = xp.asarray(blob_table(), dtype=dtype)
-    i = xp.arange(size)
-    r = xp.where(i < size // 2, i, i - size).astype(xp.float64)
-    # RELION divides (r / (N pad), then / table step): a product with reciprocals rounds differently
-    # where the quotient is an exact table boundary
-    rho = xp.sqrt(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) * scale / (box_size * pad)
-    idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
-    inside = idx < _BLOB_TABLE_SIZE
-    return xp.where(inside, table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0).astype(dtype)
+    i = np.arange(size)
+    r = np.where(i < size // 2, i, i - size).astype(np.float64)
+    planes = np.arange(size) if planes is None else np.asarray(planes)
+    ry2 = xp.asarray(r)[:, None] ** 2 + xp.asarray(r)[None, :] ** 2
+    out = xp.empty((len(planes), size, size), dtype=dtype)
+    for start in range(0, len(planes), planes_per_chunk):
+        rz = xp.asarray(r[planes[start:start + planes_per_chunk]])
+        # RELION divides (r / (N pad), then / table step): a product with reciprocals rounds
+        # differently where the quotient is an exact table boundary
+        rho = xp.sqrt(rz[:, None, None] ** 2 + ry2[None]) * scale / (box_size * pad)
+        idx = xp.floor(rho / (_BLOB_TABLE_RHO_MAX / _BLOB_TABLE_SIZE)).astype(xp.int64)
+        out[start:start + planes_per_chunk] = xp.where(idx < _BLOB_TABLE_SIZE,
+                                                       table[xp.minimum(idx, _BLOB_TABLE_SIZE - 1)], 0)
+    return out
 
 
 def add_map_term(weight_ft, tau2, *, grid: PaddedGrid, tau2_fudge: float = 1.0, minres_map: int = -1, r2=None):

@@ -176,7 +176,7 @@ class _Replay:
         self.L.free("rad_sum")
 
     def blob_build(self, where, nvox, key):
-        """blob_real_space / _blob_slab: float64 radius, int64 table index, then the table lookup."""
+        """One chunk of blob_real_space: float64 radius, int64 table index, then the table lookup."""
         L, r = self.L, self.r
         self.radial_float64(where, nvox, "blob_sqrt")
         self.binop_on_temp("blob_rho", where, 8 * nvox, "blob_sqrt")     # * or / (N pad)
@@ -195,7 +195,7 @@ class _Replay:
         L.free("blob_where", "blob_rho", "blob_idx")
 
     def blob_build_chunked(self, where, n_planes, size, key, planes_per_chunk=8):
-        """distributed._blob_slab: the output, the (y, x) radius table, then a few planes at a time."""
+        """blob_real_space: the output, the (y, x) radius table, then a few planes at a time."""
         L, r = self.L, self.r
         L.alloc(key, where, r * n_planes * size * size)
         L.alloc("blob_ry2", where, 8 * size * size)
@@ -384,7 +384,7 @@ class _Replay:
             L.alloc("inside", d, hn)
             L.free("g_r2")
             L.alloc("wn_e", d, hn * r)
-            self.blob_build(d, real_n, "blob")
+            self.blob_build_chunked(d, n, n, "blob")
             for _ in range(self.n_iter):
                 L.alloc("prod", d, hn * r)                               # wn * fw
                 L.alloc("cplx", d, hn * c)                               # scipy's c2rn: real input + 0j
