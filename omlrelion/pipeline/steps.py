@@ -126,19 +126,20 @@ def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: 
 
     def read(idx):
         t = time.perf_counter()
-        path = particles.image_stacks[idx[0]]
-        stack = stacks[path]
-        if stack.box_size != particles.optics[particles.optics_group[idx[0]]].box_size:
-            raise InputError(f"{path}: images are {stack.box_size} px but the STAR file's optics group "
-                             f"says {particles.optics[particles.optics_group[idx[0]]].box_size} px")
-        images = stack.read(particles.image_indices[idx])
+        images = stacks[particles.image_stacks[idx[0]]].read(particles.image_indices[idx])
         return images, time.perf_counter() - t
 
     batches = list(_batches(particles, batch_size))
     bar = progress(particles.n_particles, "back-projecting", show_progress)
     try:
-        for path in dict.fromkeys(particles.image_stacks[idx[0]] for idx in batches):   # before the readers
-            stacks[path] = ImageStack(path)
+        for idx in batches:            # open every stack once, and check its box, before the readers start
+            path = particles.image_stacks[idx[0]]
+            if path not in stacks:
+                stacks[path] = ImageStack(path)
+            expected = particles.optics[particles.optics_group[idx[0]]].box_size
+            if stacks[path].box_size != expected:
+                raise InputError(f"{path}: images are {stacks[path].box_size} px but the STAR file's optics "
+                                 f"group says {expected} px")
         # READ_AHEAD reader threads (copies from the memory-mapped stacks release the GIL) keep the
         # device fed; batches are consumed in order, so the sums do not depend on thread timing
         with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:

@@ -133,3 +133,13 @@ def test_auto_plan_refuses_an_impossible_budget_before_reading(small_set, capsys
     _expect_error(capsys, small_set, ["reconstruct", "--i", str(small_set / "particles.star"),
                                       "--o", str(small_set / "m.mrc"), "--storage", "auto", "--device", "cpu:2"],
                   "needs")
+
+
+def test_stack_box_differs_from_the_optics_group(small_set, capsys):
+    import starfile
+
+    blocks = starfile.read(small_set / "particles.star", always_dict=True)
+    blocks["optics"]["rlnImageSize"] = 62
+    starfile.write(blocks, small_set / "particles.star", overwrite=True)
+    _expect_error(capsys, small_set, ["reconstruct", "--i", str(small_set / "particles.star"),
+                                      "--o", str(small_set / "m.mrc")], "particles.mrcs", "62 px")
