@@ -29,7 +29,7 @@ from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
 from omlrelion.reconstruct.autotune import plan_for
-from omlrelion.reconstruct.distributed import reconstruct_map_distributed
+from omlrelion.reconstruct.columns import ColumnEngine, reconstruct_packed
 from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
@@ -176,7 +176,7 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
     """relion_reconstruct: particles STAR -> map MRC. Returns the summary (also written to json_path).
 
     `device` may be a list: the particles are back-projected on the first device and the
-    sums-to-map step is spread over all of them in slabs (`reconstruct.distributed`).
+    sums-to-map step is spread over all of them (`reconstruct.columns`).
     """
     devices = list(device) if isinstance(device, (list, tuple)) else [device]
     device = devices[0]
@@ -223,11 +223,16 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
                                      nn_linear_correction=False, timings=timings,
                                      fft_size=None if plan.is_exact(grid) else plan.fft_size)
         else:
-            volume = reconstruct_map_distributed(data, weight, devices=devices, box_size=box_size, pad=grid.pad,
-                                                 r_max=grid.r_max, n_iter=opts.n_iter,
-                                                 skip_gridding=opts.skip_gridding, tau2=tau2, timings=timings,
-                                                 storage=plan.storage, strided=plan.strided)
-        del data, weight
+            # pack, then free each dense array before the next is packed
+            engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size)
+            sums = {"weight": weight, "data": data}
+            del data, weight
+            fw = engine.pack_centred(sums.pop("weight"))
+            packed_data = engine.pack_centred(sums.pop("data"))
+            volume = reconstruct_packed(engine, packed_data, fw, n_iter=opts.n_iter,
+                                        skip_gridding=opts.skip_gridding, tau2=tau2, stage_data=plan.stage_data,
+                                        timings=timings)
+        data = weight = None
         volume = to_numpy(volume).astype(np.float32)
     memory = [memory_report(d) for d in dict.fromkeys(devices)] if device.gpu is not None else [memory_report(device)]
     t = time.perf_counter()

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from omlrelion.backend import Device
-from omlrelion.compress.sphere import footprint_report
+from omlrelion.reconstruct.columns import dense_float32_bytes
 from omlrelion.errors import InputError
 from omlrelion.geometry.grids import PaddedGrid, fft_friendly_size
 from omlrelion.reconstruct.calibration import (
@@ -47,6 +47,7 @@ from omlrelion.reconstruct.calibration import load_calibration as load_calibrati
 from omlrelion.reconstruct.calibration import save_calibration as save_calibration
 from omlrelion.reconstruct.memory_model import (
     MemoryEstimate,
+    _disc_columns,
     _sphere_count,
     memory_estimate,
     memory_per_device,
@@ -77,20 +78,18 @@ def inexact_sizes(grid: PaddedGrid) -> list[int]:
 
 
 def enumerate_candidates(grid: PaddedGrid, n_devices: int, *, allow_inexact: bool = False) -> list[Plan]:
-    """Every plan for up to `n_devices` devices: 1..n devices, dense/packed, contiguous/strided
-    slabs (G > 1 only: one device has one layout), RELION's P; with `allow_inexact`, also the
-    FFT-friendly sides of `inexact_sizes` for the single-device dense path (the only path with
-    a free FFT side)."""
+    """Every plan for up to `n_devices` devices: one device dense; 1..n devices packed (contiguous
+    and strided for G > 1), with the packed data on the devices or staged on the host; RELION's P
+    and, with `allow_inexact`, the FFT-friendly sides of `inexact_sizes`."""
     if int(n_devices) < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-    P = grid.size
-    plans = []
+    sizes = [grid.size] + (inexact_sizes(grid) if allow_inexact else [])
+    plans = [Plan(1, "dense", False, n) for n in sizes]
     for g in range(1, int(n_devices) + 1):
-        for storage in STORAGES:
-            for strided in ((False,) if g == 1 else (False, True)):
-                plans.append(Plan(g, storage, strided, P))
-                if allow_inexact and g == 1 and storage == "dense":
-                    plans.extend(Plan(1, "dense", False, n) for n in inexact_sizes(grid))
+        for strided in ((False,) if g == 1 else (False, True)):
+            for n in sizes:
+                for stage in (False, True):
+                    plans.append(Plan(g, "packed", strided, n, stage))
     return plans
 
 
@@ -143,25 +142,25 @@ def predict_seconds(plan: Plan, grid: PaddedGrid, calibration: dict, *, n_iter: 
         final = 0.5 * fft_pair_seconds(cal, "3d", Q) + (hv * 2 * c + hq * (6 * c + 8)) / bw \
             + N ** 3 * _MASK_BYTES / bw
         return setup + n_iter * per_iter + final
-    packed = plan.storage == "packed"
-    phi = (sum(_sphere_count(P, G, plan.strided, h, grid.r2_sphere, True) for h in range(G)) / hv) if packed else 1.0
-    remote = hv * c * (G - 1) / G / par                                # bytes each device receives from others
-    contiguity = hv * c / par if G > 1 else 0.0                        # pieces made contiguous before sending
-    exchange = contiguity / copy["local"] + max(remote / copy["peer"] - remote / copy["local"], 0.0)
+    n = plan.fft_size
+    npk = _sphere_count(P, grid.r2_sphere)
+    n_columns = _disc_columns(P, grid.r2_sphere)
+    exchange = 0.0
+    if G > 1:
+        moved = n_columns * n * c * (G - 1) / G          # column values leaving (and coming back to) each device
+        exchange = 2 * (moved / par / copy["peer"] + n_columns * n * c / par / copy["local"])
     if serial and G > 1:
-        exchange = (hv * c + hv * c * (G - 1) / G) / copy["local"]
-    elementwise = hv * r * (_PASSES_SLABS + clamp) * (phi if packed else 1.0)
-    if packed:
-        elementwise += hv * (c + 1) + hv * phi * 2 * c + hv           # unpack (fill, scatter), pack
-    # setup: every device gathers its slab of the input (read from the input device), blob slab, r2
-    setup = hv * (r + c) / par / (copy["peer"] if G > 1 else copy["local"]) \
-        + (hv * (2 * (r + c) + 18) + P ** 3 * _BLOB_BUILD_BYTES) / par / bw
+        exchange = 2 * 2 * n_columns * n * c / copy["local"]
+    # setup: pack the weight and the data from the input (index gather) on every device
+    setup = npk * (r + c) * 6 / par / (copy["peer"] if G > 1 else bw) + npk * 60 / par / bw
+    if plan.stage_data:
+        setup += 2 * npk * c / copy["to_host"]
     if n_iter:
-        per_iter = fft_pair_seconds(cal, "slab", P) / par + 2 * exchange + elementwise / par / bw
+        per_iter = fft_pair_seconds(cal, "columns", n) / par + exchange
     else:
-        per_iter, setup = 0.0, setup + hv * 100 / par / bw
-    final = 0.5 * fft_pair_seconds(cal, "slab", Q) / par + exchange * hq / hv \
-        + hq * (6 * c + 8) / par / bw + N ** 3 * r / copy["to_host"] + N ** 3 * _MASK_BYTES / host_bw
+        per_iter, setup = 0.0, setup + npk * 100 / par / bw
+    final = (0.5 * fft_pair_seconds(cal, "columns", Q) / par + exchange * Q / n
+             + N ** 3 * r / copy["to_host"] * 3 + N ** 3 * _MASK_BYTES / bw)
     return setup + n_iter * per_iter + final
 
 
@@ -226,7 +225,7 @@ def sizes_needed(grid: PaddedGrid, *, allow_inexact: bool = False) -> list[int]:
 def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | None = None,
                 allow_inexact: bool = False, measure: int = 0, calibration: dict | None = None,
                 n_iter: int = 10, real_dtype=None, map_term: bool = False, timer=None, cache_dir=None,
-                recalibrate: bool = False) -> tuple[Plan, list[dict]]:
+                recalibrate: bool = False, input_on_device: bool | None = None) -> tuple[Plan, list[dict]]:
     """The fastest plan that fits, and the table of every candidate.
 
     Parameters
@@ -244,6 +243,8 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
         and cached when missing (`get_calibration`).
     n_iter : gridding iterations (0: the no-gridding branch). real_dtype : float32 (GPU default) or
         float64 (host default). map_term : a tau2 term will be added (its temporaries are counted).
+    input_on_device : whether device 0 holds the dense sums before a packed plan packs them
+        (default: on GPUs); False for sums that arrive packed or from the host.
     timer : callable(plan) -> seconds replacing `measure_plan` (tests, external timing).
 
     Returns
@@ -264,7 +265,7 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
     if timer is None:
         cal_key = None if calibration is None else json.dumps(calibration, sort_keys=True, default=str)
         key = (grid.box_size, float(grid.pad), grid.r_max, tuple(devices), int(n_iter), bool(allow_inexact),
-               int(measure), free_bytes, real.name, bool(map_term), cal_key)
+               int(measure), free_bytes, real.name, bool(map_term), cal_key, input_on_device)
         if key in _DECISIONS:
             plan, table = _DECISIONS[key]
             return plan, [dict(row) for row in table]
@@ -275,10 +276,11 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
     shared_host = free_bytes is None and all(d.gpu is None for d in devices)
     free = [int(free_bytes)] * len(devices) if free_bytes is not None else free_memory(devices)
     factor = float(calibration.get("memory_factor", 1.0))
-    dense_f32 = footprint_report(grid.box_size, grid.pad, grid.r_max, 1, np.float32)["dense_total_bytes"]
+    dense_f32 = dense_float32_bytes(grid)
     rows = []
     for plan in enumerate_candidates(grid, len(devices), allow_inexact=allow_inexact):
-        est = memory_estimate(plan, grid, real, backend=backend, n_iter=n_iter, map_term=map_term)
+        est = memory_estimate(plan, grid, real, backend=backend, n_iter=n_iter, map_term=map_term,
+                              input_on_device=input_on_device)
         work = [_work_bytes(calibration, plan, grid)] * plan.n_devices
         need = [int(factor * (m + w)) for m, w in zip(est.per_device, work)]
         total = int(factor * (est.simulated_total + sum(work)))
@@ -321,8 +323,8 @@ def _work_bytes(calibration: dict, plan: Plan, grid: PaddedGrid) -> int:
     """cuFFT plan work areas a device holds for `plan` (the plan cache keeps them between calls)."""
     if plan.single_device_path:
         return fft_work_bytes(calibration, "3d", plan.fft_size) + fft_work_bytes(calibration, "3d", grid.final_size)
-    return (fft_work_bytes(calibration, "slab", grid.size)
-            + fft_work_bytes(calibration, "slab", grid.final_size)) // plan.n_devices
+    return fft_work_bytes(calibration, "columns", plan.fft_size) + fft_work_bytes(calibration, "columns",
+                                                                                   grid.final_size)
 
 
 def plan_for(grid: PaddedGrid, devices: list[Device], storage: str = "auto", *, strided: bool = False,
@@ -339,6 +341,9 @@ def plan_for(grid: PaddedGrid, devices: list[Device], storage: str = "auto", *, 
                            n_iter=n_iter, real_dtype=real_dtype, map_term=map_term, cache_dir=cache_dir)[0]
     if storage not in STORAGES:
         raise InputError(f"--storage {storage!r}: expected auto, dense or packed")
+    if storage == "dense" and len(devices) > 1:
+        raise InputError(f"--storage dense runs on one device, {len(devices)} were given: use --storage packed "
+                         "or auto")
     plan = Plan(len(devices), storage, bool(strided) and len(devices) > 1, grid.size)
     real = np.dtype(real_dtype or (np.float32 if devices[0].gpu is not None else np.float64))
     est = memory_estimate(plan, grid, real, backend="numpy" if devices[0].gpu is None else "cupy",

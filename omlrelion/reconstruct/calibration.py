@@ -24,7 +24,6 @@ from omlrelion.reconstruct.plan import (
     free_memory,
     largest_prime_factor,
 )
-from omlrelion.reconstruct.slab_fft import SlabFFT
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,11 @@ def save_calibration(record: dict, path) -> None:
 
 
 def _pair_bytes(kind: str, n: int, real) -> int:
-    """Memory a measured FFT pair of side n needs (input, c2r buffer, real output, r2c output,
-    exchange buffers of the slab version), with room for the library's work area."""
+    """Memory a measured FFT pair of side n needs ("3d": input, c2r buffer, real output, r2c output;
+    "columns": one gridding round of the column engine), with room for the library's work area."""
     r = np.dtype(real).itemsize
     hn = n * n * (n // 2 + 1)
-    return (5 if kind == "3d" else 7) * hn * 2 * r + n ** 3 * r
+    return 5 * hn * 2 * r + n ** 3 * r if kind == "3d" else 3 * hn * 2 * r
 
 
 def _sync(devices) -> None:
@@ -115,11 +114,13 @@ def _time_pair(kind: str, n: int, device: Device, real, repeats: int, clock) -> 
                 m = fft.irfftn(a, s=(n, n, n), axes=(0, 1, 2), norm="forward")
                 return fft.rfftn(m, norm="forward")
         else:
-            slab = SlabFFT(n, [device])
-            a = [xp.ones((n, n, n // 2 + 1), dtype=cplx)]
+            from omlrelion.reconstruct.columns import ColumnEngine
+
+            engine = ColumnEngine(_grid_for_side(n), [device], fft_size=n)
+            fw = [xp.ones(engine.parts[0].n_packed, dtype=real)]
 
             def pair():
-                return slab.forward(slab.inverse(a))
+                return engine.gridding_weights(fw, 1)
         cache = _plan_cache(device)
         if cache is not None:
             cache.clear()
@@ -135,9 +136,15 @@ def _time_pair(kind: str, n: int, device: Device, real, repeats: int, clock) -> 
     return min(times), work
 
 
+def _grid_for_side(n: int) -> PaddedGrid:
+    """The full-resolution pad-2 grid with the largest odd side P <= n (P = 2 box + 3)."""
+    box = max(4, ((n - 3) // 2) // 2 * 2)
+    return PaddedGrid(box, 2.0, box // 2)
+
+
 def _time_copy(src: Device, dst: Device, nbytes: int, clock, repeats: int = 3) -> float:
     """Bytes per second of `_move`-style copies of an nbytes buffer from src to dst."""
-    from omlrelion.reconstruct.slab_fft import _move
+    from omlrelion.reconstruct.columns import _move
 
     with src.use():
         a = src.xp.ones(max(nbytes // 4, 1), dtype=np.float32)
@@ -246,7 +253,7 @@ def _anchor_sizes(sizes, fits) -> set:
     return {n for n in (smooth, rough) if fits(n)}
 
 
-def calibrate(devices: list[Device], sizes, *, kinds=("3d", "slab"), real_dtype=None, record: dict | None = None,
+def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dtype=None, record: dict | None = None,
               max_bytes: int | None = None, repeats: int = 3, probe_bytes: int | None = None,
               clock=time.perf_counter) -> dict:
     """Measure what the cost and memory models need on `devices`' model, and return the record.
@@ -257,7 +264,8 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "slab"), real_dtype=
         fits in `max_bytes` (default: half the first device's free memory), otherwise left to the
         fit ``t = a n^3 log2(n^3) penalty(largest prime factor)``, for which a smooth and a
         non-smooth side that fit are added when missing.
-    kinds : "3d" (`reconstruct_map`'s rfftn/irfftn) and "slab" (`SlabFFT` on one device).
+    kinds : "3d" (`reconstruct_map`'s rfftn/irfftn) and "columns" (one gridding round of
+        `columns.ColumnEngine` on one device: column FFTs, plane FFTs, blob and update).
     record : a cached record to extend (its measured sides are kept, missing ones measured).
     probe_bytes : buffer size of the bandwidth probes (default 256 MiB on GPUs, 32 MiB on the host).
 
@@ -276,7 +284,7 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "slab"), real_dtype=
     budget = max_bytes if max_bytes is not None else free_memory([device])[0] // 2
 
     def fits(n):
-        return _pair_bytes("slab", n, real) <= budget
+        return _pair_bytes("3d", n, real) <= budget
 
     sizes = sorted({int(n) for n in sizes})
     for kind in kinds:
@@ -351,9 +359,9 @@ def get_calibration(devices: list[Device], sizes, *, cache_dir=None, recalibrate
     if record is not None:
         real = np.dtype(real_dtype or (np.float32 if devices[0].gpu is not None else np.float64))
         budget = max_bytes if max_bytes is not None else free_memory([devices[0]])[0] // 2
-        missing = [n for n in {int(n) for n in sizes} for k in ("3d", "slab")
-                   if str(n) not in record["fft_pair_s"].get(k, {}) and _pair_bytes("slab", n, real) <= budget]
-        if not missing and all((record["fft_fit"].get(k) or {}).get("a") for k in ("3d", "slab")):
+        missing = [n for n in {int(n) for n in sizes} for k in ("3d", "columns")
+                   if str(n) not in record["fft_pair_s"].get(k, {}) and _pair_bytes("3d", n, real) <= budget]
+        if not missing and all((record["fft_fit"].get(k) or {}).get("a") for k in ("3d", "columns")):
             return record
     record = calibrate(devices, sizes, real_dtype=real_dtype, record=record, max_bytes=max_bytes, **kwargs)
     save_calibration(record, path)
@@ -374,14 +382,14 @@ def _random_sums(grid: PaddedGrid, device: Device, real, seed: int = 0):
 
 
 def _run_plan(plan: Plan, grid: PaddedGrid, devices: list[Device], data, weight, n_iter: int):
-    from omlrelion.reconstruct.distributed import reconstruct_map_distributed
+    from omlrelion.reconstruct.columns import ColumnEngine, reconstruct_packed
     from omlrelion.reconstruct.gridding import reconstruct_map
 
-    kwargs = {"box_size": grid.box_size, "pad": grid.pad, "r_max": grid.r_max, "n_iter": n_iter,
-              "skip_gridding": n_iter <= 0}
+    kwargs = {"n_iter": n_iter, "skip_gridding": n_iter <= 0}
     with devices[0].use():
         if plan.single_device_path:
-            return reconstruct_map(data, weight, fft_size=None if plan.fft_size == grid.size else plan.fft_size,
-                                   **kwargs)
-        return reconstruct_map_distributed(data, weight, devices=list(devices[:plan.n_devices]),
-                                           storage=plan.storage, strided=plan.strided, **kwargs)
+            return reconstruct_map(data, weight, box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max,
+                                   fft_size=None if plan.fft_size == grid.size else plan.fft_size, **kwargs)
+        engine = ColumnEngine(grid, list(devices[:plan.n_devices]), strided=plan.strided, fft_size=plan.fft_size)
+        return reconstruct_packed(engine, engine.pack_centred(data), engine.pack_centred(weight),
+                                  stage_data=plan.stage_data, **kwargs)

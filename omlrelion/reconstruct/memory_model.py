@@ -34,10 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omlrelion.compress.sphere import SpherePacking
-from omlrelion.geometry.grids import PaddedGrid, signed_freqs
+from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.reconstruct.plan import Plan
-from omlrelion.reconstruct.slab_fft import SlabLayout
 from omlrelion.units import relion_round
 
 log = logging.getLogger(__name__)
@@ -112,10 +110,20 @@ class MemoryEstimate:
 
 
 @functools.lru_cache(maxsize=256)
-def _sphere_count(size: int, n_parts: int, strided: bool, part: int, r2_max: int, inclusive: bool) -> int:
-    """Voxels of one device's y-slab of the half grid with |k|^2 <= r2_max (< when not inclusive)."""
-    rows = SlabLayout(size, n_parts, strided).planes(part)
-    return SpherePacking(size, rows, r2_max, inclusive).n_packed
+def _sphere_count(size: int, r2_max: int) -> int:
+    """Voxels of the FFTW-layout half grid of side `size` with |k|^2 <= r2_max."""
+    from omlrelion.reconstruct.columns import ColumnLayout
+
+    _, _, half_len = ColumnLayout(size, r2_max, 1).all_columns()
+    return int((2 * half_len + 1).sum())
+
+
+@functools.lru_cache(maxsize=256)
+def _disc_columns(size: int, r2_max: int) -> int:
+    """(ky, kx) columns of the half grid holding a voxel with |k|^2 <= r2_max."""
+    from omlrelion.reconstruct.columns import ColumnLayout
+
+    return len(ColumnLayout(size, r2_max, 1).all_columns()[0])
 
 
 class _Replay:
@@ -144,10 +152,7 @@ class _Replay:
         P, H = self.grid.size, self.grid.half
         self.L.alloc("data_in", 0, P * P * H * self.c)
         self.L.alloc("weight_in", 0, P * P * H * self.r)
-        if self.plan.single_device_path:
-            self.single()
-        else:
-            self.distributed()
+        self.single()
         L = self.L
         return MemoryEstimate(tuple(L.peak[:self.G]), L.peak[HOST], L.total_peak)
 
@@ -408,268 +413,35 @@ class _Replay:
         else:
             L.rename("wn_e", "wn")
 
-    def inside_count(self, n_parts: int = 1, strided: bool = False, part: int = 0) -> int:
-        """Voxels of a slab with |k|^2 < round((r_max pad)^2) (the shells of the no-gridding floor)."""
+    def inside_count(self) -> int:
+        """Voxels with |k|^2 < round((r_max pad)^2) (the shells of the no-gridding floor)."""
         g = self.grid
         limit = relion_round((g.r_max * g.pad) ** 2)
-        return _sphere_count(g.size, n_parts, strided, part, max(limit - 1, 0), True)
-
-    # -- distributed path: reconstruct_map_distributed and _reconstruct_packed -------------------
-    def distributed(self):
-        L, r, c, G = self.L, self.r, self.c, self.G
-        grid, plan = self.grid, self.plan
-        P, H = grid.size, grid.half
-        hv = P * P * H
-        layout = SlabLayout(P, G, plan.strided)
-        ny = [len(layout.planes(h)) for h in range(G)]
-        F = [P * ny[h] * H for h in range(G)]
-        packed = plan.storage == "packed"
-        npk = [_sphere_count(P, G, plan.strided, h, grid.r2_sphere, True) for h in range(G)] if packed else F
-        for h in range(G):                                               # _SlabStore: packing, |k|^2
-            if packed:
-                L.alloc(("tables", h), HOST, 16 * P * ny[h] + 8)        # SpherePacking counts, offsets
-                if self.cupy:
-                    L.alloc(("dtables", h), h, 16 * P * ny[h] + 8)       # their device copies
-                self.packed_r2(h, npk[h], P * ny[h], ("r2", h))
-            else:
-                L.alloc(("r2", h), h, 8 * F[h])
-        for h in range(G):
-            self.store_decentred(h, F[h], npk[h], r, hv, packed, ("fw", h))
-        if self.map_term:
-            for h in range(G):
-                self.map_term_steps(h, npk[h], own_r2=False)
-        if self.n_iter <= 0:
-            inside = [npk[h] if packed else self.inside_count(G, plan.strided, h) for h in range(G)]
-            self.shell_floor_steps([(h, npk[h], inside[h]) for h in range(G)], "wn")
-            wn_itemsize = 8
-        else:
-            self.slab_gridding(layout, F, npk, packed)
-            wn_itemsize = r
-        L.free(*[("fw", h) for h in range(G)])
-        for h in range(G):
-            self.store_decentred(h, F[h], npk[h], c, hv, packed, "d")
-            if wn_itemsize != r:
-                L.temp(h, npk[h] * r)                                    # float64 wn.astype(real)
-            L.free(("wn", h))                                            # wn[h] = None
-            if packed:
-                self.unpack(h, F[h], c, ("fconv", h))
-                L.free("d")
-            else:
-                L.rename("d", ("fconv", h))
-        L.free(*[(k, h) for h in range(G) for k in ("r2", "tables", "dtables")])   # del wn, r2, stores
-        self.window_and_invert(layout)
-        self.mask_and_correct(HOST, grid.box_size)
-        L.free("volume", *[("fconv", h) for h in range(G)])
-
-    def store_decentred(self, h, f, n, itemsize, hv, packed, key):
-        """_SlabStore.decentred: _decentred_rows (with a dense |k|^2 when packed), then pack."""
-        if not packed:
-            self.decentred_rows(h, f, itemsize, hv, key)
-            return
-        L = self.L
-        L.alloc("r2_dense", h, 8 * f)
-        self.decentred_rows(h, f, itemsize, hv, "dense")
-        self.pack(h, f, n, itemsize, key)
-        L.free("dense", "r2_dense")
-
-    def decentred_rows(self, h, f, itemsize, hv, key):
-        """_decentred_rows: one slab-sized gather (z permuted, y rows), its copy onto the device, mask."""
-        L = self.L
-        L.alloc("y_rows", h, f * itemsize)
-        L.alloc(key, h, f * itemsize)
-        L.free("y_rows")
-        L.temp(h, f)
-
-    def pack(self, h, f, n, itemsize, key):
-        """pack: the packed array; on the host also the chunk's bool mask and dense[mask]."""
-        self.L.alloc(key, h, n * itemsize)
-        if not self.cupy:
-            self.L.temp(h, f, n * itemsize)
-
-    def unpack(self, h, f, itemsize, key):
-        """unpack: the dense slab; on the host also the chunk's bool mask."""
-        self.L.alloc(key, h, f * itemsize)
-        if not self.cupy:
-            self.L.temp(h, f)
-
-    def packed_r2(self, h, n, n_rows, key):
-        """packed_frequencies + packed_r2: int64 arrays per stored voxel."""
-        L = self.L
-        L.alloc("pf_filled", h, 8 * n_rows)
-        L.alloc("pf_steps", h, 8 * n)
-        L.alloc("pf_row", h, 8 * n)                                      # cumsum
-        L.alloc("pf_t", h, 8 * n)                                        # row // ny
-        L.alloc("pf_kz", h, 8 * n)
-        L.free("pf_t")
-        L.alloc("pf_t", h, 8 * n)                                        # row % ny
-        L.alloc("pf_ky", h, 8 * n)
-        L.free("pf_t")
-        L.alloc("pf_ar", h, 8 * n)                                       # arange - offsets[row]
-        L.alloc("pf_off", h, 8 * n)
-        self.binop_on_temp("pf_kx", h, 8 * n, "pf_ar")
-        L.free("pf_off", "pf_steps", "pf_row", "pf_filled")
-        L.alloc("pf_kz2", h, 8 * n)                                      # kz*kz + ky*ky + kx*kx
-        L.alloc("pf_ky2", h, 8 * n)
-        self.binop_on_temp("pf_s1", h, 8 * n, "pf_kz2")
-        L.free("pf_ky2")
-        L.alloc("pf_kx2", h, 8 * n)
-        self.binop_on_temp(key, h, 8 * n, "pf_s1")
-        L.free("pf_kx2", "pf_kz", "pf_ky", "pf_kx")
-
-    def slab_gridding(self, layout, F, npk, packed):
-        """_gridding (dense) or the loop of _reconstruct_packed."""
-        L, r, c, G = self.L, self.r, self.c, self.G
-        P = self.grid.size
-        for g in range(G):
-            self.blob_build_chunked(g, len(layout.planes(g)), P, ("blob", g))
-            L.alloc(("inside", g), g, npk[g])
-            L.alloc(("wn", g), g, npk[g] * r)
-        for _ in range(self.n_iter):
-            for h in range(G):
-                L.alloc("prod", h, npk[h] * r)                           # wn * fw
-                if packed:
-                    L.alloc("prod_c", h, npk[h] * c)
-                    L.free("prod")
-                    self.unpack(h, F[h], c, ("conv", h))
-                    L.free("prod_c")
-                else:
-                    L.alloc(("conv", h), h, F[h] * c)                    # .astype(complex)
-                    L.free("prod")
-            self.slab_inverse(layout, layout, P, "conv", "m")
-            L.free(*[("conv", h) for h in range(G)])
-            self.slab_forward(layout, P, "m", "conv")
-            L.free(*[("m", g) for g in range(G)])
-            for h in range(G):
-                if packed:
-                    self.pack(h, F[h], npk[h], c, "pk")
-                    L.alloc("u_abs", h, npk[h] * r)
-                    L.free("pk")
-                else:
-                    L.alloc("u_abs", h, npk[h] * r)
-                L.alloc("u_max", h, npk[h] * r)
-                L.free("u_abs")
-                L.rebind("mag", h, npk[h] * r)                           # .astype(real)
-                L.free("u_max", ("conv", h))                             # conv[h] = None
-                L.alloc("u_div", h, npk[h] * r)
-                L.rebind(("wn", h), h, npk[h] * r)                       # where(inside, wn / mag, wn)
-                L.free("u_div")
-                if r == 4:
-                    L.rebind(("wn", h), h, npk[h] * r)                   # minimum(wn, 1e20)
-            L.free(*[("conv", h) for h in range(G)])
-        L.free("mag", *[("blob", g) for g in range(G)], *[("inside", g) for g in range(G)])
-
-    def slab_inverse(self, ylayout, zlayout, n, src, dst):
-        """SlabFFT.inverse: 1D c2c along z, exchange by z planes, 2D c2r per device."""
-        L, r, c, G = self.L, self.r, self.c, self.G
-        half = n // 2 + 1
-        ny = [len(ylayout.planes(h)) for h in range(G)]
-        nz = [len(zlayout.planes(g)) for g in range(G)]
-        for h in range(G):
-            if self.cupy:
-                L.temp(h, n * ny[h] * half * c)                          # transposed copy for axis 0
-            L.alloc(("cols", h), h, n * ny[h] * half * c)
-        for g in range(G):
-            L.rebind("gathered", g, nz[g] * n * half * c)
-            z_is_slice = isinstance(zlayout.selector(g), slice)
-            for h in range(G):
-                piece = nz[g] * ny[h] * half * c
-                if self.cupy or not z_is_slice:                         # CuPy's z-FFT output is a
-                    L.rebind("piece", h, piece)                         # transposed view: sliced, it
-                else:                                                   # is copied to be contiguous
-                    L.free("piece")
-                L.temp(g, piece)                                         # _move onto device g
-            self.c2r(g, nz[g] * n * half * c, (dst, g), nz[g] * n * n * r)
-        L.free("gathered", "piece", *[("cols", h) for h in range(G)])
-
-    def slab_forward(self, layout, n, src, dst):
-        """SlabFFT.forward: 2D r2c per device, exchange by y rows, 1D c2c along z."""
-        L, c, G = self.L, self.c, self.G
-        half = n // 2 + 1
-        nz = [len(layout.planes(g)) for g in range(G)]
-        for g in range(G):
-            L.alloc(("planes", g), g, nz[g] * n * half * c)
-        for h in range(G):
-            ny = len(layout.planes(h))
-            L.rebind("gathered", h, n * ny * half * c)
-            for g in range(G):
-                piece = nz[g] * ny * half * c
-                if ny == n:                                              # all rows: a contiguous view
-                    L.free("piece")
-                else:
-                    L.rebind("piece", g, piece)
-                L.temp(h, piece)                                         # _move onto device h
-            if self.cupy:
-                L.temp(h, n * ny * half * c)                             # transposed copy for axis 0
-            L.alloc((dst, h), h, n * ny * half * c)
-        L.free("gathered", "piece", *[("planes", g) for g in range(G)])
-
-    def window_and_invert(self, layout):
-        """_window_and_invert: P rows -> Q rows per device, sign, SlabFFT.inverse on Q, gather."""
-        L, r, c, G = self.L, self.r, self.c, self.G
-        grid = self.grid
-        P, q, N = grid.size, grid.final_size, grid.box_size
-        qh = q // 2 + 1
-        parts = _q_parts(P, q, G, self.plan.strided)
-        kx_len = min(P // 2 + 1, qh)
-        for h in range(G):
-            nq = len(parts[h][0])
-            L.alloc(("slab", h), h, q * nq * qh * c)                     # zeros
-            if nq:
-                L.alloc("w_zperm", h, q * len(layout.planes(h)) * (P // 2 + 1) * c)
-                L.rebind("block", h, q * nq * kx_len * c)
-                L.free("w_zperm")
-                if q > P:                                                # enlarging: |k|^2 mask
-                    L.temp(h, 8 * q * nq * kx_len, q * nq * kx_len, q * nq * kx_len * c)
-                L.temp(h, 8 * q * nq * qh, q * nq * qh * r)              # int64 signs, .astype
-        n_last = len(parts[-1][1])
-        if n_last != len(parts[-1][0]):                                   # rows no device has: a larger
-            L.rename(("slab", G - 1), "w_out")                           # last slab (`out` keeps the
-            L.alloc(("slab", G - 1), G - 1, q * n_last * qh * c)         # old one alive)
-        ylayout = SlabLayout(q, G, parts=tuple(p[1] for p in parts))
-        zlayout = SlabLayout(q, G, self.plan.strided)
-        self.slab_inverse(ylayout, zlayout, q, "slab", "real")
-        L.alloc("volume", HOST, N ** 3 * r)
-        lo = q // 2 - N // 2
-        for g in range(G):
-            planes = zlayout.planes(g)
-            nsel = int(np.count_nonzero((planes >= lo) & (planes < lo + N)))
-            if nsel:
-                L.rebind("part", g, nsel * q * q * r)
-                if self.cupy:
-                    L.temp(g, nsel * N * N * r)                          # contiguous copy for the host
-                    L.temp(HOST, nsel * N * N * r)
-        L.free("block", "w_out", "part", *[("real", g) for g in range(G)], *[("slab", h) for h in range(G)])
-
-
-def _q_parts(size: int, q: int, n_parts: int, strided: bool):
-    """Per device: (Q rows from its own P rows, Q rows it holds after the last one takes the rest)."""
-    layout = SlabLayout(size, n_parts, strided)
-    k_in = signed_freqs(size, np)
-    q_index = {int(k): i for i, k in enumerate(signed_freqs(q, np))}
-    own = [tuple(sorted(q_index[int(k)] for k in k_in[layout.planes(h)] if int(k) in q_index))
-           for h in range(n_parts)]
-    covered = {i for part in own for i in part}
-    missing = tuple(i for i in range(q) if i not in covered)
-    held = list(own)
-    if missing:
-        held[-1] = tuple(sorted(held[-1] + missing))
-    return [(own[h], held[h]) for h in range(n_parts)]
+        return _sphere_count(g.size, max(limit - 1, 0))
 
 
 def memory_estimate(plan: Plan, grid: PaddedGrid, real_dtype=np.float32, *, backend: str = "cupy",
-                    library_buffers: bool = True, n_iter: int = 10, map_term: bool = False) -> MemoryEstimate:
+                    library_buffers: bool = True, n_iter: int = 10, map_term: bool = False,
+                    input_on_device: bool | None = None) -> MemoryEstimate:
     """Modelled peak memory of one sums-to-map run of `plan` on `grid` (see the module docstring).
 
     backend : "cupy" (GPUs) or "numpy" (host devices): which library copies and temporaries occur.
     library_buffers : count pocketfft's c2r buffers on the host (not seen by tracemalloc).
     n_iter : gridding iterations; 0 models the no-gridding branch.
     map_term : a tau2 (MAP) term is added to the weights.
+    input_on_device : packed plans: the dense centred sums are on device 0 and are packed there
+        (default: on GPUs, as in `pipeline.steps.reconstruct`); False when they come packed or from the host.
     """
     if plan.fft_size < grid.size:
         raise ValueError(f"fft_size {plan.fft_size} is smaller than the padded grid {grid.size}")
-    if plan.fft_size != grid.size and not plan.single_device_path:
-        raise ValueError(f"fft_size {plan.fft_size} != P {grid.size} is only supported by the single-device "
-                         "dense path")
+    if not plan.single_device_path:
+        from omlrelion.reconstruct.columns import column_memory
+
+        per_device, host = column_memory(grid, plan.n_devices, strided=plan.strided, fft_size=plan.fft_size,
+                                         real_dtype=real_dtype, n_iter=n_iter, stage_data=plan.stage_data,
+                                         input_on_device=backend == "cupy" if input_on_device is None
+                                         else input_on_device)
+        return MemoryEstimate(tuple(per_device), host, sum(per_device) + host)
     replay = _Replay(plan, grid, real_dtype, backend, library_buffers, n_iter, map_term)
     return replay.run()
 

@@ -22,7 +22,7 @@ CACHE_ENV = "OMLRELION_AUTOTUNE_CACHE"
 CALIBRATION_FORMAT = 1
 
 
-_INEXACT_PRIMES = ((2, 3, 5, 7), (2, 3, 5), (2, 3), (2,))
+_INEXACT_PRIMES = ((2, 3, 5, 7), (2, 3, 5))
 
 
 _INEXACT_MAX_GROWTH = 1.15          # friendly FFT sides considered: at most 15% above P
@@ -32,40 +32,47 @@ _INEXACT_MAX_GROWTH = 1.15          # friendly FFT sides considered: at most 15%
 class Plan:
     """How the sums-to-map step runs.
 
-    n_devices : devices used (the first n of the list); 1 with dense storage is the single-device
-        path `reconstruct_map`, anything else `reconstruct_map_distributed`.
-    storage : "dense" or "packed" (Fourier arrays kept only inside the sphere).
-    strided : slab layout over several devices (plane p on device p mod G) instead of blocks.
+    n_devices : devices used (the first n of the list).
+    storage : "dense": one device, whole arrays (`gridding.reconstruct_map`); "packed": the sphere's
+        columns packed over n_devices devices (`columns.reconstruct_map_columns`).
+    strided : packed over several devices: plane chunks and column rows dealt round-robin instead of
+        in blocks.
     fft_size : side of the gridding loop's FFTs: RELION's odd P (exact), or a larger FFT-friendly
-        side (single-device path only; differs from RELION's grid by ~4e-4 relative).
+        side (differs from RELION's grid by ~4e-4 relative).
+    stage_data : packed: the packed data waits in host memory during the gridding loop.
     """
 
     n_devices: int
     storage: str
     strided: bool
     fft_size: int
+    stage_data: bool = False
 
     def __post_init__(self):
         if int(self.n_devices) < 1:
             raise ValueError(f"n_devices must be >= 1, got {self.n_devices}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.storage == "dense" and (self.n_devices != 1 or self.stage_data):
+            raise ValueError("dense storage runs on one device, without host staging")
 
     @property
     def single_device_path(self) -> bool:
         """True when the plan runs `reconstruct_map` (one device, dense)."""
-        return self.n_devices == 1 and self.storage == "dense"
+        return self.storage == "dense"
 
     def is_exact(self, grid: PaddedGrid) -> bool:
         """True when the FFTs run on RELION's own grid side P."""
         return self.fft_size == grid.size
 
     def describe(self) -> str:
-        """One line, e.g. '2 devices, packed, strided slabs, fft 515'."""
+        """One line, e.g. '2 devices, packed, strided, fft 515'."""
         parts = [f"{self.n_devices} device" + ("s" if self.n_devices > 1 else ""), self.storage]
         if self.n_devices > 1:
-            parts.append("strided slabs" if self.strided else "contiguous slabs")
+            parts.append("strided" if self.strided else "contiguous")
         parts.append(f"fft {self.fft_size}")
+        if self.stage_data:
+            parts.append("data staged on host")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -74,7 +81,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        return cls(int(d["n_devices"]), str(d["storage"]), bool(d["strided"]), int(d["fft_size"]))
+        return cls(int(d["n_devices"]), str(d["storage"]), bool(d["strided"]), int(d["fft_size"]),
+                   bool(d.get("stage_data", False)))
 
 
 def largest_prime_factor(n: int) -> int:

@@ -28,7 +28,7 @@ def test_prints_candidates_and_writes_json(tmp_path, cache, capsys):
     text = capsys.readouterr().out
     assert "P 35 (5*7, largest prime 7), Q 32" in text
     assert "memory/device" in text and "dense f32" in text and "predicted s" in text and "measured s" in text
-    assert "2 devices, packed, strided slabs, fft 35" in text
+    assert "2 devices, packed, strided, fft 35" in text
     chosen = [line for line in text.splitlines() if line.startswith("*")]
     assert len(chosen) == 1 and text.rstrip().splitlines()[-1].startswith("chosen: ")
     summary = json.loads(out.read_text())

@@ -1,0 +1,626 @@
+"""RELION's sums-to-map step on the sphere's columns, spread over G devices, never densely stored.
+
+Every Fourier array of `reconstruct.gridding.reconstruct_map` is zero outside |k|^2 <= R^2. On the
+half grid a *column* is a (ky, kx) pair inside the disc ky^2 + kx^2 <= R^2; its voxels inside the
+sphere are kz = -L .. L, L = isqrt(R^2 - ky^2 - kx^2). Columns are dealt to the devices (strided:
+row ky goes to device (ky row number) mod G; contiguous: blocks of equal memory), and each
+device keeps its columns *packed*: the 2L + 1 values of every column one after the other, in
+increasing kz. At full resolution the packed sphere is pi/6 ~ 52% of the dense half grid; real
+arrays (the weights) stay real.
+
+One 3D FFT of the gridding loop is done in two local steps and one exchange, never holding a dense
+volume:
+
+1. columns: each device unpacks a batch of its columns into full z-lines of the transform side n,
+   and runs 1D FFTs along z (a "column buffer" of (n_columns, n) complex per device, 78% of a
+   dense half grid / G at full resolution);
+2. planes: z-planes are processed in chunks (strided: chunk i on device i mod G; contiguous:
+   blocks); a chunk gathers its (ky, kx) values from every device's column buffer (peer-to-peer
+   copies between GPUs), runs the 2D c2r FFT, multiplies by the blob's real-space transform, runs
+   the 2D r2c FFT and sends the columns back. The real-space volume exists one plane chunk at a
+   time.
+3. columns again: 1D FFTs along z, and the gridding update on the packed arrays.
+
+The final inverse FFT on the even side Q = 2N works the same way on the columns of the Q grid, and
+only the N central real-space planes are transformed and kept. Soft mask and grid correction run
+per plane chunk. The same code runs on GPUs (CuPy) and on host Devices standing in for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from omlrelion.backend import Device, fft_module, get_xp, is_gpu_array, to_numpy
+from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.reconstruct.gridding import add_map_term, blob_table
+from omlrelion.units import relion_round
+
+MAX_CHUNK_VOXELS = 1 << 24
+MIN_CHUNK_VOXELS = 1 << 14
+DEFAULT_PLANE_CHUNK = 16
+
+
+def default_chunk_voxels(n_packed: int) -> int:
+    """Packed voxels per column chunk: 1/32 of a device's share, within [2^14, 2^24], so that the
+    chunk's index temporaries (~70 B a voxel) stay small next to the packed arrays."""
+    return int(min(MAX_CHUNK_VOXELS, max(MIN_CHUNK_VOXELS, n_packed // 32)))
+
+
+def _isqrt(a: np.ndarray) -> np.ndarray:
+    """floor(sqrt(a)) for non-negative int64 arrays, exact."""
+    r = np.floor(np.sqrt(a.astype(np.float64))).astype(np.int64)
+    r -= (r * r > a)
+    r += ((r + 1) * (r + 1) <= a)
+    return r
+
+
+@dataclass(frozen=True)
+class ColumnPart:
+    """One device's columns: signed ky, kx, half length L and packed offsets (host int64 arrays)."""
+
+    ky: np.ndarray
+    kx: np.ndarray
+    half_len: np.ndarray
+    offsets: np.ndarray          # (n_columns + 1,), column c is packed[offsets[c]:offsets[c + 1]]
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.ky)
+
+    @property
+    def n_packed(self) -> int:
+        return int(self.offsets[-1])
+
+    def chunks(self, chunk_voxels: int):
+        """(c0, c1) column ranges holding about `chunk_voxels` packed voxels each."""
+        if self.n_columns == 0:
+            return []
+        cuts = np.searchsorted(self.offsets, np.arange(chunk_voxels, self.n_packed, chunk_voxels))
+        bounds = np.unique(np.concatenate([[0], cuts, [self.n_columns]]))
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@dataclass(frozen=True)
+class ColumnLayout:
+    """The sphere |k|^2 <= r2_sphere of an odd side-`size` half grid, its columns dealt to n_parts."""
+
+    size: int
+    r2_sphere: int
+    n_parts: int
+    strided: bool = False
+
+    def all_columns(self):
+        r = relion_round(np.sqrt(self.r2_sphere)) + 1
+        ky = np.arange(-r, r + 1, dtype=np.int64)
+        kx = np.arange(0, r + 1, dtype=np.int64)
+        ky2, kx2 = np.meshgrid(ky, kx, indexing="ij")
+        keep = ky2**2 + kx2**2 <= self.r2_sphere
+        # FFTW row order: ky = 0, 1, .., then the negative rows
+        order = np.lexsort((kx2[keep], np.where(ky2[keep] < 0, ky2[keep] + self.size, ky2[keep])))
+        ky_c, kx_c = ky2[keep][order], kx2[keep][order]
+        return ky_c, kx_c, _isqrt(self.r2_sphere - ky_c**2 - kx_c**2)
+
+    def parts(self) -> list[ColumnPart]:
+        return _layout_parts(self)
+
+    def _make_parts(self) -> list[ColumnPart]:
+        ky, kx, half_len = self.all_columns()
+        lens = 2 * half_len + 1
+        if self.strided:
+            row_ids = np.unique(ky, return_inverse=True)[1]
+            owner = row_ids % self.n_parts
+        else:       # blocks of equal memory: packed arrays (~2 len) plus the column's z-line (size)
+            cost = 2 * lens + self.size
+            cum = np.cumsum(cost) - cost
+            owner = np.minimum((cum * self.n_parts) // max(int(cost.sum()), 1), self.n_parts - 1)
+        out = []
+        for g in range(self.n_parts):
+            sel = owner == g
+            out.append(ColumnPart(ky[sel], kx[sel], half_len[sel],
+                                  np.concatenate([[0], np.cumsum(lens[sel])]).astype(np.int64)))
+        return out
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_parts(layout: ColumnLayout) -> list[ColumnPart]:
+    return layout._make_parts()
+
+
+def _chunk_index(part: ColumnPart, c0: int, c1: int, xp):
+    """Column number (relative to c0) and kz of every packed voxel of columns c0..c1-1, on xp."""
+    half_len = xp.asarray(part.half_len[c0:c1])
+    ends = xp.asarray(part.offsets[c0 + 1:c1 + 1] - part.offsets[c0])
+    lens = 2 * half_len + 1
+    j = xp.arange(int(part.offsets[c1] - part.offsets[c0]), dtype=xp.int64)
+    col = xp.searchsorted(ends, j, side="right")
+    kz = j - (ends - lens)[col] - half_len[col]
+    return col, kz
+
+
+def _move(a, device: Device):
+    """`a` on `device`: the same array when it is already there, else a copy.
+
+    Between GPUs the copy is a peer-to-peer copy queued on the destination's stream after the
+    source's pending work (event), and the source's stream waits for it before its memory is reused,
+    so no device waits on the host.
+    """
+    if device.gpu is None:
+        return to_numpy(a)
+    import cupy as cp
+
+    if not is_gpu_array(a):
+        with device.use():
+            out = cp.empty(a.shape, dtype=a.dtype)
+            out.set(np.ascontiguousarray(a))
+            return out
+    if a.device.id == device.gpu:
+        return a
+    with cp.cuda.Device(a.device.id):
+        src = a if a.flags.c_contiguous else cp.ascontiguousarray(a)
+        ready = cp.cuda.Event(block=False, disable_timing=True)
+        ready.record()
+    with device.use():
+        out = cp.empty(a.shape, dtype=a.dtype)
+        stream = cp.cuda.get_current_stream()
+        stream.wait_event(ready)
+        out.data.copy_from_device_async(src.data, src.nbytes, stream)
+        done = cp.cuda.Event(block=False, disable_timing=True)
+        done.record(stream)
+    with cp.cuda.Device(a.device.id):
+        cp.cuda.get_current_stream().wait_event(done)
+    return out
+
+
+class ColumnEngine:
+    """Packed sphere arrays over `devices` and the column/plane transforms between them."""
+
+    def __init__(self, grid: PaddedGrid, devices: list[Device], *, strided: bool = False, fft_size: int | None = None,
+                 chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK):
+        self.grid, self.devices = grid, list(devices)
+        self.n = fft_size or grid.size
+        if self.n < grid.size:
+            raise ValueError(f"fft_size {self.n} is smaller than the padded grid {grid.size}")
+        self.layout = ColumnLayout(grid.size, grid.r2_sphere, len(self.devices), strided)
+        self.parts = self.layout.parts()
+        self.strided, self.plane_chunk = strided, max(1, int(plane_chunk))
+        self.chunk_voxels = int(chunk_voxels or default_chunk_voxels(max(p.n_packed for p in self.parts)))
+
+    # packed arrays ------------------------------------------------------------------------
+    def pack_centred(self, a_ftc, dtype=None) -> list:
+        """Per-device packed copies of a projector-centred (P, P, P//2+1) array (host or device)."""
+        c = self.grid.size // 2
+        xp = get_xp(a_ftc)
+        src_dev = Device(int(a_ftc.device.id)) if is_gpu_array(a_ftc) else Device()
+        out = []
+        for part, dev in zip(self.parts, self.devices):
+            with dev.use():
+                packed = dev.xp.empty(part.n_packed, dtype=dtype or a_ftc.dtype)
+            for c0, c1 in part.chunks(self.chunk_voxels):
+                with src_dev.use():
+                    col, kz = _chunk_index(part, c0, c1, xp)
+                    cy = xp.asarray(part.ky[c0:c1] + c)[col]
+                    cx = xp.asarray(part.kx[c0:c1])[col]
+                    values = a_ftc[kz + c, cy, cx]
+                    del col, kz, cy, cx
+                with dev.use():
+                    packed[int(part.offsets[c0]):int(part.offsets[c1])] = _move(values, dev)
+            out.append(packed)
+        return out
+
+    def unpack_centred(self, packed: list):
+        """The projector-centred (P, P, P//2+1) host array of per-device packed arrays (zeros outside)."""
+        size = self.grid.size
+        c = size // 2
+        out = np.zeros(self.grid.shape, dtype=to_numpy(packed[0][:1]).dtype)
+        for part, a in zip(self.parts, packed):
+            for c0, c1 in part.chunks(self.chunk_voxels):
+                col, kz = _chunk_index(part, c0, c1, np)
+                out[kz + c, (part.ky[c0:c1] + c)[col], part.kx[c0:c1][col]] = to_numpy(
+                    a[int(part.offsets[c0]):int(part.offsets[c1])])
+        return out
+
+    def chunk_frequencies(self, g: int, c0: int, c1: int):
+        """(col, kz, rho2) of the packed voxels of device g's columns c0..c1 (rho2 = ky^2 + kx^2)."""
+        part, xp = self.parts[g], self.devices[g].xp
+        col, kz = _chunk_index(part, c0, c1, xp)
+        rho2 = xp.asarray(part.ky[c0:c1] ** 2 + part.kx[c0:c1] ** 2)[col]
+        return col, kz, rho2
+
+    def _chunks(self, g):
+        part = self.parts[g]
+        for c0, c1 in part.chunks(self.chunk_voxels):
+            yield c0, c1, slice(int(part.offsets[c0]), int(part.offsets[c1]))
+
+    # the plane chunks ---------------------------------------------------------------------
+    def plane_chunks(self, z_planes) -> list[tuple[int, int, int]]:
+        """(z0, z1, device) for chunks of the planes z_planes[0] .. z_planes[1]-1."""
+        z_lo, z_hi = z_planes
+        starts = list(range(z_lo, z_hi, self.plane_chunk))
+        g_count = len(self.devices)
+        out = []
+        for i, z0 in enumerate(starts):
+            owner = i % g_count if self.strided else min(i * g_count // max(len(starts), 1), g_count - 1)
+            out.append((z0, min(z0 + self.plane_chunk, z_hi), owner))
+        return out
+
+    def _flat_index(self, n: int, columns: list) -> dict:
+        """Per (owner, source device) flat (y, x) positions on the side-n half plane, on the owner."""
+        half = n // 2 + 1
+        out = {}
+        for e, dev in enumerate(self.devices):
+            with dev.use():
+                for d, (ky, kx) in enumerate(columns):
+                    out[e, d] = dev.xp.asarray(np.where(ky < 0, ky + n, ky) * half + kx)
+        return out
+
+    def _plane_pass(self, buffers, n: int, flat, z_planes, work):
+        """For each z-plane chunk: gather the columns, work(planes, z0, z1, owner), scatter back.
+
+        `work` gets (zc, n, n//2+1) complex planes and returns complex planes to scatter back (or
+        None: nothing goes back).
+        """
+        half = n // 2 + 1
+        for z0, z1, e in self.plane_chunks(z_planes):
+            dev = self.devices[e]
+            with dev.use():
+                planes = dev.xp.zeros((z1 - z0, n * half), dtype=buffers[0].dtype)
+            for d, src in enumerate(self.devices):
+                if buffers[d].shape[0] == 0:
+                    continue
+                with src.use():
+                    piece = src.xp.ascontiguousarray(buffers[d][:, z0:z1].T)
+                with dev.use():
+                    planes[:, flat[e, d]] = _move(piece, dev)
+                del piece
+            with dev.use():
+                result = work(planes.reshape(z1 - z0, n, half), z0, z1, e)
+                del planes
+                if result is None:
+                    continue
+                result = result.reshape(z1 - z0, n * half)
+            for d, dst in enumerate(self.devices):
+                if buffers[d].shape[0] == 0:
+                    continue
+                with dev.use():
+                    piece = dev.xp.ascontiguousarray(result[:, flat[e, d]].T)
+                with dst.use():
+                    buffers[d][:, z0:z1] = _move(piece, dst)
+                del piece
+            del result
+
+    # gridding -----------------------------------------------------------------------------
+    def gridding_weights(self, fw: list, n_iter: int) -> list:
+        """Packed Wn after `n_iter` rounds (RELION's Pipe-Menon loop), in fw's float type."""
+        grid, n = self.grid, self.n
+        real = fw[0].dtype
+        complex_ = np.result_type(real, np.complex64)
+        clamp = 1e20 if real == np.float32 else None
+        flat = self._flat_index(n, [(p.ky, p.kx) for p in self.parts])
+        tables = []
+        for dev in self.devices:
+            with dev.use():
+                tables.append(dev.xp.asarray(blob_table(), dtype=real))
+        wn, buffers = [], []
+        for g, dev in enumerate(self.devices):
+            xp = dev.xp
+            with dev.use():
+                w = xp.ones(self.parts[g].n_packed, dtype=real)
+                for c0, c1, sl in self._chunks(g):
+                    _, kz, rho2 = self.chunk_frequencies(g, c0, c1)
+                    w[sl] = (kz * kz + rho2 < grid.r2_sphere).astype(real)
+                wn.append(w)
+                buffers.append(xp.empty((self.parts[g].n_columns, n), dtype=complex_))
+
+        def blob_work(planes, z0, z1, e):
+            xp = self.devices[e].xp
+            fft = fft_module(xp)
+            m = fft.irfft2(planes, s=(n, n), axes=(1, 2), norm="forward")
+            _multiply_blob(m, tables[e], n, z0, grid.box_size * grid.pad / (grid.size / n))
+            return fft.rfft2(m, axes=(1, 2), norm="forward")
+
+        for _ in range(n_iter):
+            for g, dev in enumerate(self.devices):
+                xp = dev.xp
+                with dev.use():
+                    for c0, c1, sl in self._chunks(g):
+                        col, kz, _ = self.chunk_frequencies(g, c0, c1)
+                        lines = xp.zeros((c1 - c0, n), dtype=complex_)
+                        lines[col, kz % n] = wn[g][sl] * fw[g][sl]
+                        buffers[g][c0:c1] = fft_module(xp).ifft(lines, axis=1, norm="forward")
+                        del lines, col, kz
+            self._plane_pass(buffers, n, flat, (0, n), blob_work)
+            for g, dev in enumerate(self.devices):
+                xp = dev.xp
+                with dev.use():
+                    for c0, c1, sl in self._chunks(g):
+                        col, kz, rho2 = self.chunk_frequencies(g, c0, c1)
+                        conv = fft_module(xp).fft(buffers[g][c0:c1], axis=1, norm="forward")[col, kz % n]
+                        mag = xp.maximum(xp.abs(conv), 1e-6).astype(real)
+                        w = wn[g][sl]
+                        w[...] = xp.where(kz * kz + rho2 < grid.r2_sphere, w / mag, w)
+                        if clamp is not None:
+                            xp.minimum(w, clamp, out=w)
+                        del conv, mag, col, kz, rho2
+        del buffers
+        return wn
+
+    def shell_floor_weights(self, fw: list) -> list:
+        """`gridding.shell_floor_weights` on the packed arrays (the --skip_gridding branch)."""
+        grid = self.grid
+        r_max, pad = grid.r_max, grid.pad
+        r2_limit = relion_round((r_max * pad) ** 2)
+        acc, cnt = np.zeros(r_max), np.zeros(r_max)
+        for g, dev in enumerate(self.devices):
+            xp = dev.xp
+            with dev.use():
+                for c0, c1, sl in self._chunks(g):
+                    _, kz, rho2 = self.chunk_frequencies(g, c0, c1)
+                    r2 = kz * kz + rho2
+                    shell = xp.floor(xp.sqrt(r2.astype(xp.float64)) / pad).astype(xp.int64)
+                    inside = r2 < r2_limit
+                    acc += to_numpy(xp.bincount(shell[inside], weights=fw[g][sl][inside].astype(xp.float64),
+                                                minlength=r_max))[:r_max]
+                    cnt += to_numpy(xp.bincount(shell[inside], minlength=r_max))[:r_max]
+        if np.any((cnt == 0) & (acc == 0)):
+            raise ValueError("a Fourier shell holds no voxel: r_max or pad too small for this grid")
+        floor = acc / (1000.0 * np.maximum(cnt, 1))
+        out = []
+        for g, dev in enumerate(self.devices):
+            xp = dev.xp
+            with dev.use():
+                w = xp.empty_like(fw[g])
+                floor_d = xp.asarray(floor)
+                for c0, c1, sl in self._chunks(g):
+                    _, kz, rho2 = self.chunk_frequencies(g, c0, c1)
+                    shell = xp.floor(xp.sqrt((kz * kz + rho2).astype(xp.float64)) / pad).astype(xp.int64)
+                    m = xp.maximum(fw[g][sl].astype(xp.float64), floor_d[xp.minimum(shell, r_max - 1)])
+                    w[sl] = xp.where(m != 0, 1.0 / xp.where(m != 0, m, 1.0), 1.0)
+                out.append(w)
+        return out
+
+    def add_map_term(self, fw: list, tau2, *, tau2_fudge: float = 1.0, minres_map: int = -1) -> None:
+        for g, dev in enumerate(self.devices):
+            with dev.use():
+                for c0, c1, sl in self._chunks(g):
+                    _, kz, rho2 = self.chunk_frequencies(g, c0, c1)
+                    add_map_term(fw[g][sl], tau2, grid=self.grid, tau2_fudge=tau2_fudge, minres_map=minres_map,
+                                 r2=kz * kz + rho2)
+
+    # the final inverse --------------------------------------------------------------------
+    def to_map(self, fconv: list, *, out=None):
+        """Packed data * Wn -> (N, N, N) host map: window to Q, centre, c2r, crop, scale, mask, correct.
+
+        Consumes (empties) the arrays of `fconv`.
+        """
+        grid = self.grid
+        q, n_box = grid.final_size, grid.box_size
+        kx_len = min(grid.size // 2 + 1, q // 2 + 1)
+        q_columns, buffers, keep_cols = [], [], []
+        for g, dev in enumerate(self.devices):
+            part, xp = self.parts[g], dev.xp
+            keep = (part.ky >= -(q // 2 - 1)) & (part.ky <= q // 2) & (part.kx < kx_len)
+            new_index = np.cumsum(keep) - 1
+            q_columns.append((part.ky[keep], part.kx[keep]))
+            keep_cols.append((keep, new_index))
+            with dev.use():
+                buf = xp.zeros((int(keep.sum()), q), dtype=fconv[g].dtype)
+                keep_d, new_d = xp.asarray(keep), xp.asarray(new_index)
+                for c0, c1, sl in self._chunks(g):
+                    col, kz, _ = self.chunk_frequencies(g, c0, c1)
+                    ok = keep_d[c0:c1][col] & (kz >= -(q // 2 - 1)) & (kz <= q // 2)
+                    sign = 1 - 2 * ((kz + xp.asarray(part.ky[c0:c1] + part.kx[c0:c1])[col]) & 1)
+                    buf[new_d[c0:c1][col][ok], kz[ok] % q] = fconv[g][sl][ok] * sign[ok].astype(buf.real.dtype)
+                    del col, kz, ok, sign
+                fconv[g] = None
+                for c0 in range(0, buf.shape[0], max(1, self.chunk_voxels // q)):
+                    c1 = min(buf.shape[0], c0 + max(1, self.chunk_voxels // q))
+                    buf[c0:c1] = fft_module(xp).ifft(buf[c0:c1], axis=1, norm="forward")
+                buffers.append(buf)
+        flat = self._flat_index(q, q_columns)
+        lo = q // 2 - n_box // 2
+        volume = np.empty((n_box, n_box, n_box), dtype=np.dtype(buffers[0].real.dtype)) if out is None else out
+        scale = grid.pad**3 * n_box
+        sums = {}
+
+        def invert(planes, z0, z1, e):
+            dev = self.devices[e]
+            xp = dev.xp
+            m = fft_module(xp).irfft2(planes, s=(q, q), axes=(1, 2), norm="forward")[:, lo:lo + n_box, lo:lo + n_box]
+            m = m / m.dtype.type(scale)
+            c = _mask_profile(xp, n_box, z0 - lo, z1 - lo)
+            part = xp.stack([(c * m.astype(xp.float64)).sum(), c.sum()])
+            sums[e] = part if e not in sums else sums[e] + part
+            volume[z0 - lo:z1 - lo] = to_numpy(m)
+            return None
+
+        self._plane_pass(buffers, q, flat, (lo, lo + n_box), invert)
+        del buffers
+        total = sum(to_numpy(v) for v in sums.values())
+        background = total[0] / total[1]
+        dev = self.devices[0]
+        xp = dev.xp
+        with dev.use():
+            for z0 in range(0, n_box, self.plane_chunk):
+                z1 = min(n_box, z0 + self.plane_chunk)
+                v = xp.asarray(volume[z0:z1]).astype(xp.float64)
+                c = _mask_profile(xp, n_box, z0, z1)
+                v = (1 - c) * v + c * background
+                s = xp.sinc(_radius(xp, n_box, z0, z1) / (n_box * grid.pad))
+                volume[z0:z1] = to_numpy((v / (s * s)).astype(volume.dtype))
+        return volume
+
+
+def dense_float32_bytes(grid: PaddedGrid) -> int:
+    """Float32 footprint of the straightforward one-device step: complex64 data, float32 weight and
+    gridding weights, a complex64 transform of the half grid and the real volume of one FFT."""
+    hv = grid.size * grid.size * grid.half
+    return int(hv * (8 + 4 + 4 + 8) + grid.size**3 * 4)
+
+
+def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, fft_size: int | None = None,
+                  real_dtype=np.float32, n_iter: int = 10, stage_data: bool = False, input_on_device: bool = False,
+                  chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK):
+    """Modelled peak bytes per device (and on the host) of `reconstruct_packed`, FFT work areas excluded.
+
+    Counts the packed arrays (fw, wn, data unless staged on the host), the column buffers, the
+    (y, x) index tables, and the largest temporaries of a column chunk, a plane chunk and the final
+    Q-grid stage, as the code above allocates them (CuPy: one new array per operation). With
+    `input_on_device`, device 0 first holds the dense centred sums while they are packed (weight
+    first, then data, each freed once packed: `pipeline.steps.reconstruct`).
+    """
+    r = np.dtype(real_dtype).itemsize
+    c = 2 * r
+    n = fft_size or grid.size
+    q, n_box = grid.final_size, grid.box_size
+    h, hq = n // 2 + 1, q // 2 + 1
+    zc = max(1, int(plane_chunk))
+    parts = ColumnLayout(grid.size, grid.r2_sphere, n_devices, strided).parts()
+    chunk_voxels = int(chunk_voxels or default_chunk_voxels(max(p.n_packed for p in parts)))
+    kx_len = min(grid.size // 2 + 1, hq)
+    ncol_q = [int(((p.ky >= -(q // 2 - 1)) & (p.ky <= q // 2) & (p.kx < kx_len)).sum()) for p in parts]
+    ncol_total, ncol_q_total = sum(p.n_columns for p in parts), sum(ncol_q)
+    max_piece, max_piece_q = max(p.n_columns for p in parts), max(ncol_q)
+    per_device = []
+    for p, nq in zip(parts, ncol_q):
+        npk = p.n_packed
+        chunks = p.chunks(chunk_voxels) or [(0, 0)]
+        cv = max(int(p.offsets[b] - p.offsets[a]) for a, b in chunks)
+        ncc = max(b - a for a, b in chunks)
+        index = 40 * cv
+        column_pass = max(index, 32 * cv + cv * r + 2 * ncc * n * c, 73 * cv + cv * c + ncc * n * c)
+        plane_pass = 2 * zc * n * h * c + zc * n * n * r + 2 * zc * max_piece * c
+        data = 0 if stage_data else npk * c
+        gridding = 2 * npk * r + data + p.n_columns * n * c + 8 * ncol_total + max(column_pass, plane_pass)
+        if n_iter <= 0:
+            gridding = npk * r + data + npk * 8 + 80 * cv
+        q_rows = max(1, chunk_voxels // q)
+        build = npk * c + nq * q * c + 60 * cv + 2 * cv * c
+        invert = (nq * q * c + 8 * ncol_q_total + 2 * zc * q * hq * c + zc * q * q * r
+                  + zc * n_box * n_box * (r + 32) + 2 * zc * max_piece_q * c + 2 * q_rows * q * c)
+        per_device.append(int(max(gridding, build, invert)))
+    per_device[0] = max(per_device[0], int(zc * n_box * n_box * 56))        # mask and correction chunks
+    if input_on_device:
+        hv = grid.size * grid.size * grid.half
+        cv0 = min(chunk_voxels, parts[0].n_packed)
+        packing = max(hv * (c + r) + parts[0].n_packed * r, hv * c + parts[0].n_packed * (r + c)) + 48 * cv0
+        per_device[0] = max(per_device[0], int(packing))
+    host = n_box**3 * r + (sum(p.n_packed for p in parts) * c if stage_data else 0)
+    return per_device, int(host)
+
+
+def _radius(xp, n: int, z0: int, z1: int):
+    c = xp.arange(n, dtype=xp.float64) - n // 2
+    zc = xp.arange(z0, z1, dtype=xp.float64) - n // 2
+    return xp.sqrt(zc[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+
+
+def _mask_profile(xp, n: int, z0: int, z1: int, width: float = 3.0):
+    """RELION's softMaskOutsideMap weight c (0 inside radius n/2, raised cosine, 1 outside) on planes z0..z1."""
+    r = _radius(xp, n, z0, z1)
+    radius = n / 2
+    outer = radius + width
+    return xp.where(r < radius, 0.0, xp.where(r > outer, 1.0, 0.5 + 0.5 * xp.cos(np.pi * (outer - r) / width)))
+
+
+def _multiply_blob(m, table, n: int, z0: int, norm: float) -> None:
+    """m *= T(|r| / norm) on the real planes z0 .. z0+len(m) of a side-n grid (RELION's floor lookup)."""
+    xp = get_xp(m)
+    if xp is not np:
+        _cuda_blob_kernel()(table, np.int32(n), np.int64(z0), np.float64(norm), m)
+        return
+    i = np.arange(n)
+    r = np.where(i < n // 2, i, i - n).astype(np.float64)
+    rz = np.where(np.arange(z0, z0 + len(m)) < n // 2, np.arange(z0, z0 + len(m)),
+                  np.arange(z0, z0 + len(m)) - n).astype(np.float64)
+    rho = np.sqrt(rz[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) / norm
+    idx = np.floor(rho / 5e-5).astype(np.int64)
+    m *= np.where(idx < 10000, table[np.minimum(idx, 9999)], 0)
+
+
+_KERNELS: dict = {}
+
+
+def _cuda_blob_kernel():
+    if "blob" not in _KERNELS:
+        import cupy as cp
+
+        _KERNELS["blob"] = cp.ElementwiseKernel(
+            "raw T table, int32 size, int64 z0, float64 norm", "T m",
+            """
+            const long long x = i % size, y = (i / size) % size, z = z0 + i / ((long long)size * size);
+            const double rx = x < size / 2 ? x : x - size, ry = y < size / 2 ? y : y - size,
+                         rz = z < size / 2 ? z : z - size;
+            const double rho = sqrt(rx * rx + ry * ry + rz * rz) / norm;
+            const long long idx = (long long)floor(rho / 5e-5);
+            m = idx < 10000 ? m * table[idx] : (T)0;
+            """, "omlrelion_columns_blob")
+    return _KERNELS["blob"]
+
+
+def reconstruct_map_columns(data_ftc, weight_ftc, *, devices: list[Device], box_size: int, pad: float = 2.0,
+                            r_max: int | None = None, n_iter: int = 10, skip_gridding: bool = False, tau2=None,
+                            tau2_fudge: float = 1.0, minres_map: int = -1, strided: bool = False,
+                            fft_size: int | None = None, chunk_voxels: int | None = None,
+                            plane_chunk: int = DEFAULT_PLANE_CHUNK, timings=None):
+    """Padded projector-centred sums -> (N, N, N) host map, as `gridding.reconstruct_map`, over `devices`.
+
+    The sums may live on the host or on one device; each device receives its packed columns.
+    Arithmetic in the weight's float type.
+    """
+    grid = PaddedGrid(box_size, pad, box_size // 2 if r_max is None else r_max)
+    if data_ftc.shape != grid.shape or weight_ftc.shape != grid.shape:
+        raise ValueError(f"Fourier sums have shape {data_ftc.shape}, expected {grid.shape} for "
+                         f"box {box_size}, pad {pad}, r_max {grid.r_max}")
+    engine = ColumnEngine(grid, devices, strided=strided, fft_size=fft_size, chunk_voxels=chunk_voxels,
+                          plane_chunk=plane_chunk)
+    fw = engine.pack_centred(weight_ftc)
+    return reconstruct_packed(engine, lambda: engine.pack_centred(data_ftc), fw, n_iter=n_iter,
+                              skip_gridding=skip_gridding, tau2=tau2, tau2_fudge=tau2_fudge, minres_map=minres_map,
+                              timings=timings)
+
+
+def reconstruct_packed(engine: ColumnEngine, data_packed, fw: list, *, n_iter: int = 10, skip_gridding: bool = False,
+                       tau2=None, tau2_fudge: float = 1.0, minres_map: int = -1, stage_data: bool = False,
+                       timings=None):
+    """The step on arrays already packed per device. `data_packed`: the packed data (a list, one
+    array per device), or a callable giving it (called once the gridding weights are made).
+    With `stage_data`, the packed data waits in host memory during the gridding loop. Consumes
+    `fw` and the data list.
+    """
+    t0 = time.perf_counter()
+    if stage_data and not callable(data_packed):
+        for g in range(len(data_packed)):
+            data_packed[g] = to_numpy(data_packed[g])
+    if tau2 is not None:
+        engine.add_map_term(fw, tau2, tau2_fudge=tau2_fudge, minres_map=minres_map)
+    if skip_gridding or n_iter <= 0:
+        wn = engine.shell_floor_weights(fw)
+    else:
+        wn = engine.gridding_weights(fw, n_iter)
+    fw.clear()
+    data = data_packed() if callable(data_packed) else data_packed
+    real = wn[0].dtype
+    for g, dev in enumerate(engine.devices):
+        with dev.use():
+            data[g] = _move(data[g], dev)
+            data[g] *= wn[g].astype(real, copy=False)
+            wn[g] = None
+    _sync(engine.devices)
+    t1 = time.perf_counter()
+    volume = engine.to_map(data)
+    if timings is not None:
+        timings["gridding"] = timings.get("gridding", 0.0) + (t1 - t0)
+        timings["fft_to_map"] = timings.get("fft_to_map", 0.0) + (time.perf_counter() - t1)
+    return volume
+
+
+def _sync(devices) -> None:
+    for dev in devices:
+        dev.synchronize()
+
+
+__all__ = ["ColumnLayout", "ColumnEngine", "column_memory", "dense_float32_bytes", "reconstruct_map_columns", "reconstruct_packed"]
