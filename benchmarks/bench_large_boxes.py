@@ -67,7 +67,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
     from omlrelion.backend import Device
     from omlrelion.geometry.grids import PaddedGrid
     from omlrelion.reconstruct.autotune import Plan, choose_plan, memory_estimate
-    from omlrelion.reconstruct.columns import ColumnEngine, column_memory, dense_float32_bytes, reconstruct_packed
+    from omlrelion.reconstruct.columns import ColumnEngine, dense_float32_bytes, reconstruct_packed
     from omlrelion.reconstruct.plan import free_memory
 
     devices = [Device(i) for i in range(n_gpus)]
@@ -82,20 +82,32 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
     t = time.perf_counter()
     plan, table = choose_plan(grid, devices, free_bytes=free, allow_inexact=allow_inexact and not force_exact,
                               n_iter=n_iter, input_on_device=False)
-    if plan.single_device_path:       # sums made packed here: the packed plan with the same side and devices
-        plan = Plan(1, "packed", False, plan.fft_size)
-    if plan.n_devices != n_gpus:
-        plan = Plan(n_gpus, "packed", n_gpus > 1 and plan.strided, plan.fft_size, plan.stage_data)
+    if plan.n_devices != n_gpus:      # the case asks for n_gpus: the best packed plan on all of them
+        plan = min((Plan.from_dict(row["plan"]) for row in table if row["fits"]
+                    and row["plan"]["n_devices"] == n_gpus), key=lambda p: p.stage_data, default=plan)
     plan_s = time.perf_counter() - t
     chosen = next((row for row in table if Plan.from_dict(row["plan"]) == plan), None)
     _reset(devices)
-    engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size)
-    fw, data = _random_packed(engine, seed=box)
-    for d in devices:
-        d.synchronize()
     timings: dict = {}
+    if plan.single_device_path:
+        from omlrelion.reconstruct.calibration import _random_sums
+        from omlrelion.reconstruct.gridding import reconstruct_map
+
+        data, weight = _random_sums(grid, devices[0], np.float32, seed=box)
+        run = lambda: reconstruct_map(data, weight, box_size=box, n_iter=n_iter, timings=timings,  # noqa: E731
+                                      fft_size=None if plan.fft_size == grid.size else plan.fft_size)
+    else:
+        engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size)
+        engine.memory_trace = []
+        fw, data = _random_packed(engine, seed=box)
+        run = lambda: reconstruct_packed(engine, data, fw, n_iter=n_iter, stage_data=plan.stage_data,  # noqa: E731
+                                         timings=timings)
+    for d in devices:                  # the inputs' temporaries out of the pool: the peak is the step's
+        with d.use():
+            cp.cuda.Device(d.gpu).synchronize()
+            cp.get_default_memory_pool().free_all_blocks()
     t = time.perf_counter()
-    volume = reconstruct_packed(engine, data, fw, n_iter=n_iter, stage_data=plan.stage_data, timings=timings)
+    volume = cp.asnumpy(run())
     for d in devices:
         d.synchronize()
     seconds = time.perf_counter() - t
@@ -107,8 +119,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
             peaks.append(int(cp.get_default_memory_pool().total_bytes()))
             free_b, total_b = cp.cuda.runtime.memGetInfo()
             used.append(int(total_b - free_b))
-    model, _ = column_memory(grid, n_gpus, strided=plan.strided, fft_size=plan.fft_size, n_iter=n_iter,
-                             stage_data=plan.stage_data)
+    model = list(memory_estimate(plan, grid, np.float32, n_iter=n_iter, input_on_device=False).per_device)
     row = {
         "box": box, "gpus": n_gpus, "padded_size": grid.size, "plan": plan.describe(),
         "exact": plan.fft_size == grid.size, "seconds": seconds, "gridding_s": timings.get("gridding"),
@@ -116,7 +127,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
         "predicted_s": chosen["predicted_s"] if chosen else None,
         "pool_peak_bytes": peaks, "driver_used_bytes": used, "model_bytes": model,
         "dense_float32_bytes": dense_float32_bytes(grid), "memory_limit_bytes": limit_bytes,
-        "finite": finite, "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        "finite": finite, "memory_trace": None if plan.single_device_path else engine.memory_trace, "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
     }
     if limit_bytes:
         for d in devices:

@@ -39,6 +39,7 @@ from omlrelion.reconstruct.calibration import (
     fft_pair_seconds,
     fft_work_bytes,
     get_calibration,
+    memory_need,
 )
 from omlrelion.reconstruct.calibration import calibrate as calibrate  # re-exported
 from omlrelion.reconstruct.calibration import calibration_path as calibration_path
@@ -275,15 +276,15 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
                                       recalibrate=recalibrate, real_dtype=real)
     shared_host = free_bytes is None and all(d.gpu is None for d in devices)
     free = [int(free_bytes)] * len(devices) if free_bytes is not None else free_memory(devices)
-    factor = float(calibration.get("memory_factor", 1.0))
     dense_f32 = dense_float32_bytes(grid)
     rows = []
     for plan in enumerate_candidates(grid, len(devices), allow_inexact=allow_inexact):
         est = memory_estimate(plan, grid, real, backend=backend, n_iter=n_iter, map_term=map_term,
                               input_on_device=input_on_device)
         work = [_work_bytes(calibration, plan, grid)] * plan.n_devices
-        need = [int(factor * (m + w)) for m, w in zip(est.per_device, work)]
-        total = int(factor * (est.simulated_total + sum(work)))
+        need = [memory_need(calibration, plan.storage, m + w) for m, w in zip(est.per_device, work)]
+        total = sum(need) + est.host if plan.storage == "packed" else \
+            memory_need(calibration, plan.storage, est.simulated_total + sum(work))
         fits = total <= free[0] if shared_host else all(n <= f for n, f in zip(need, free))
         rows.append({
             "plan": plan.to_dict(), "description": plan.describe(), "exact": plan.is_exact(grid),

@@ -152,7 +152,11 @@ def _time_copy(src: Device, dst: Device, nbytes: int, clock, repeats: int = 3) -
     for _ in range(repeats):
         _sync([src, dst])
         t0 = clock()
-        b = _move(a, dst)
+        if src == dst:
+            with src.use():
+                b = a.copy()
+        else:
+            b = _move(a, dst)
         _sync([src, dst])
         best = min(best, clock() - t0)
         del b
@@ -299,6 +303,9 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dty
                 log.info("calibration %s: %s FFT pair of side %d: %.4g s", record["device_model"], kind, n,
                          measured[str(n)])
         record["fft_fit"][kind] = _fit_fft(measured)
+    gpus = [d for d in dict.fromkeys(devices) if d.gpu is not None]
+    if len(gpus) > 1 and not record.get("peer_measured", False):
+        record.pop("memory_bandwidth_Bps", None)          # measured on one GPU before: measure peers now
     if "memory_bandwidth_Bps" not in record:
         probe = probe_bytes or (256 << 20 if device.gpu is not None else 32 << 20)
         host = Device()
@@ -306,8 +313,8 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dty
         record["host_memory_bandwidth_Bps"] = (record["memory_bandwidth_Bps"] if device.gpu is None
                                                else _time_elementwise(host, min(probe, 32 << 20), clock))
         local = _time_copy(device, device, probe, clock)
-        gpus = [d for d in dict.fromkeys(devices) if d.gpu is not None]
         peer = _time_copy(gpus[0], gpus[1], probe, clock) if len(gpus) > 1 else local
+        record["peer_measured"] = len(gpus) > 1
         record["copy_bandwidth_Bps"] = {"local": local, "peer": peer,   # host arrays gather by copy
                                         "to_host": local if device.gpu is None
                                         else _to_host_bandwidth(device, probe, clock)}
@@ -323,11 +330,11 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dty
     return record
 
 
-def _measure_memory_factor(device: Device, real, box_size: int = 128) -> tuple[float, str]:
-    """CuPy pool high-water mark of two small real runs over the model (arrays + plan work areas)."""
+def _measure_memory_factor(device: Device, real, box_size: int = 256) -> tuple[dict, str]:
+    """Per storage: CuPy pool high-water mark of a real run over the model (arrays + plan work areas)."""
     cp = device.xp
     grid = PaddedGrid(box_size, 2.0, box_size // 2)
-    ratios = []
+    factors = {}
     for plan in (Plan(1, "dense", False, grid.size), Plan(1, "packed", False, grid.size)):
         with device.use():
             pool = cp.get_default_memory_pool()
@@ -343,8 +350,21 @@ def _measure_memory_factor(device: Device, real, box_size: int = 128) -> tuple[f
             peak = pool.total_bytes() - base
             work = int(cache.get_curr_memsize()) if cache is not None else 0
         model = memory_estimate(plan, grid, real, backend="cupy", n_iter=2).per_device[0] + work
-        ratios.append(peak / model)
-    return max(1.0, max(ratios)), f"measured: CuPy pool peak / model at box {box_size}"
+        # dense: a factor (the 3D FFT buffers grow with the volume); packed: bytes on top of the
+        # model (plans and pool rounding; its chunks are bounded, so the excess does not grow)
+        factors[plan.storage] = max(1.0, peak / model) if plan.storage == "dense" else max(0, peak - model)
+    return factors, (f"measured at box {box_size}: dense, CuPy pool peak / model; packed, pool peak - model "
+                     "(bytes)")
+
+
+def memory_need(calibration: dict, storage: str, model_bytes: int) -> int:
+    """Bytes a plan needs on a device: the model scaled (dense) or plus the measured excess (packed)."""
+    f = calibration.get("memory_factor", 1.0)
+    if not isinstance(f, dict):
+        return int(float(f) * model_bytes)
+    if storage == "dense":
+        return int(float(f.get("dense", 1.0)) * model_bytes)
+    return int(model_bytes + float(f.get("packed", 0.0)))
 
 
 def get_calibration(devices: list[Device], sizes, *, cache_dir=None, recalibrate: bool = False,
@@ -361,6 +381,8 @@ def get_calibration(devices: list[Device], sizes, *, cache_dir=None, recalibrate
         budget = max_bytes if max_bytes is not None else free_memory([devices[0]])[0] // 2
         missing = [n for n in {int(n) for n in sizes} for k in ("3d", "columns")
                    if str(n) not in record["fft_pair_s"].get(k, {}) and _pair_bytes("3d", n, real) <= budget]
+        if sum(d.gpu is not None for d in dict.fromkeys(devices)) > 1 and not record.get("peer_measured", False):
+            missing.append("peer bandwidth")
         if not missing and all((record["fft_fit"].get(k) or {}).get("a") for k in ("3d", "columns")):
             return record
     record = calibrate(devices, sizes, real_dtype=real_dtype, record=record, max_bytes=max_bytes, **kwargs)

@@ -75,13 +75,11 @@ class ColumnPart:
     def n_packed(self) -> int:
         return int(self.offsets[-1])
 
-    def chunks(self, chunk_voxels: int):
-        """(c0, c1) column ranges holding about `chunk_voxels` packed voxels each."""
-        if self.n_columns == 0:
-            return []
-        cuts = np.searchsorted(self.offsets, np.arange(chunk_voxels, self.n_packed, chunk_voxels))
-        bounds = np.unique(np.concatenate([[0], cuts, [self.n_columns]]))
-        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    def chunks(self, chunk_columns: int):
+        """(c0, c1) ranges of `chunk_columns` columns (the last one shorter): one FFT batch size, so
+        one cached cuFFT plan per pass."""
+        step = max(1, int(chunk_columns))
+        return [(c0, min(c0 + step, self.n_columns)) for c0 in range(0, self.n_columns, step)]
 
 
 @dataclass(frozen=True)
@@ -188,6 +186,9 @@ class ColumnEngine:
         self.parts = self.layout.parts()
         self.strided, self.plane_chunk = strided, max(1, int(plane_chunk))
         self.chunk_voxels = int(chunk_voxels or default_chunk_voxels(max(p.n_packed for p in self.parts)))
+        # columns per chunk: the chunk's z-lines (columns x side) hold at most chunk_voxels values
+        self.chunk_columns = max(1, self.chunk_voxels // max(self.n, grid.final_size))
+        self.memory_trace = None           # a list to receive (phase, pool bytes per device)
 
     # packed arrays ------------------------------------------------------------------------
     def pack_centred(self, a_ftc, dtype=None) -> list:
@@ -199,7 +200,7 @@ class ColumnEngine:
         for part, dev in zip(self.parts, self.devices):
             with dev.use():
                 packed = dev.xp.empty(part.n_packed, dtype=dtype or a_ftc.dtype)
-            for c0, c1 in part.chunks(self.chunk_voxels):
+            for c0, c1 in part.chunks(self.chunk_columns):
                 with src_dev.use():
                     col, kz = _chunk_index(part, c0, c1, xp)
                     cy = xp.asarray(part.ky[c0:c1] + c)[col]
@@ -217,7 +218,7 @@ class ColumnEngine:
         c = size // 2
         out = np.zeros(self.grid.shape, dtype=to_numpy(packed[0][:1]).dtype)
         for part, a in zip(self.parts, packed):
-            for c0, c1 in part.chunks(self.chunk_voxels):
+            for c0, c1 in part.chunks(self.chunk_columns):
                 col, kz = _chunk_index(part, c0, c1, np)
                 out[kz + c, (part.ky[c0:c1] + c)[col], part.kx[c0:c1][col]] = to_numpy(
                     a[int(part.offsets[c0]):int(part.offsets[c1])])
@@ -232,20 +233,24 @@ class ColumnEngine:
 
     def _chunks(self, g):
         part = self.parts[g]
-        for c0, c1 in part.chunks(self.chunk_voxels):
+        for c0, c1 in part.chunks(self.chunk_columns):
             yield c0, c1, slice(int(part.offsets[c0]), int(part.offsets[c1]))
 
     # the plane chunks ---------------------------------------------------------------------
-    def plane_chunks(self, z_planes) -> list[tuple[int, int, int]]:
-        """(z0, z1, device) for chunks of the planes z_planes[0] .. z_planes[1]-1."""
+    def plane_rounds(self, z_planes) -> list[list[tuple[int, int, int]]]:
+        """Chunks (z0, z1, device) of the planes z_planes[0] .. z_planes[1]-1, in rounds that give each
+        device at most one chunk (strided: chunk i on device i mod G; contiguous: blocks)."""
         z_lo, z_hi = z_planes
         starts = list(range(z_lo, z_hi, self.plane_chunk))
         g_count = len(self.devices)
-        out = []
-        for i, z0 in enumerate(starts):
-            owner = i % g_count if self.strided else min(i * g_count // max(len(starts), 1), g_count - 1)
-            out.append((z0, min(z0 + self.plane_chunk, z_hi), owner))
-        return out
+        chunks = [(z0, min(z0 + self.plane_chunk, z_hi)) for z0 in starts]
+        if self.strided:
+            return [[(*chunks[i], i - r0) for i in range(r0, min(r0 + g_count, len(chunks)))]
+                    for r0 in range(0, len(chunks), g_count)]
+        bounds = np.linspace(0, len(chunks), g_count + 1).round().astype(int)
+        blocks = [chunks[bounds[e]:bounds[e + 1]] for e in range(g_count)]
+        return [[(*blocks[e][r], e) for e in range(g_count) if r < len(blocks[e])]
+                for r in range(max(len(b) for b in blocks))]
 
     def _flat_index(self, n: int, columns: list) -> dict:
         """Per (owner, source device) flat (y, x) positions on the side-n half plane, on the owner."""
@@ -261,36 +266,58 @@ class ColumnEngine:
         """For each z-plane chunk: gather the columns, work(planes, z0, z1, owner), scatter back.
 
         `work` gets (zc, n, n//2+1) complex planes and returns complex planes to scatter back (or
-        None: nothing goes back).
+        None: nothing goes back). A round gathers one chunk per device, then every owner works, then
+        the results go back, so the devices work side by side (their streams wait on each other
+        through events, never on the host).
         """
         half = n // 2 + 1
-        for z0, z1, e in self.plane_chunks(z_planes):
-            dev = self.devices[e]
-            with dev.use():
-                planes = dev.xp.zeros((z1 - z0, n * half), dtype=buffers[0].dtype)
-            for d, src in enumerate(self.devices):
-                if buffers[d].shape[0] == 0:
-                    continue
-                with src.use():
-                    piece = src.xp.ascontiguousarray(buffers[d][:, z0:z1].T)
+        for chunks in self.plane_rounds(z_planes):
+            gathered = []
+            for z0, z1, e in chunks:
+                dev = self.devices[e]
                 with dev.use():
-                    planes[:, flat[e, d]] = _move(piece, dev)
-                del piece
-            with dev.use():
-                result = work(planes.reshape(z1 - z0, n, half), z0, z1, e)
-                del planes
+                    planes = dev.xp.zeros((z1 - z0, n * half), dtype=buffers[0].dtype)
+                for d, src in enumerate(self.devices):
+                    if buffers[d].shape[0] == 0:
+                        continue
+                    with src.use():
+                        piece = src.xp.ascontiguousarray(buffers[d][:, z0:z1].T)
+                    with dev.use():
+                        planes[:, flat[e, d]] = _move(piece, dev)
+                    del piece
+                gathered.append(planes)
+            results = []
+            for (z0, z1, e), planes in zip(chunks, gathered):
+                with self.devices[e].use():
+                    result = work(planes.reshape(z1 - z0, n, half), z0, z1, e)
+                    results.append(None if result is None else result.reshape(z1 - z0, n * half))
+            del gathered, planes
+            for (z0, z1, e), result in zip(chunks, results):
                 if result is None:
                     continue
-                result = result.reshape(z1 - z0, n * half)
-            for d, dst in enumerate(self.devices):
-                if buffers[d].shape[0] == 0:
-                    continue
-                with dev.use():
-                    piece = dev.xp.ascontiguousarray(result[:, flat[e, d]].T)
-                with dst.use():
-                    buffers[d][:, z0:z1] = _move(piece, dst)
-                del piece
-            del result
+                dev = self.devices[e]
+                for d, dst in enumerate(self.devices):
+                    if buffers[d].shape[0] == 0:
+                        continue
+                    with dev.use():
+                        piece = dev.xp.ascontiguousarray(result[:, flat[e, d]].T)
+                    with dst.use():
+                        buffers[d][:, z0:z1] = _move(piece, dst)
+                    del piece
+            del results
+
+    def _trace(self, phase: str) -> None:
+        """Record the memory each device's pool holds (GPUs) after `phase`, when tracing."""
+        if self.memory_trace is None:
+            return
+        row = []
+        for dev in self.devices:
+            if dev.gpu is None:
+                row.append(0)
+                continue
+            with dev.use():
+                row.append(int(dev.xp.get_default_memory_pool().total_bytes()))
+        self.memory_trace.append((phase, row))
 
     # gridding -----------------------------------------------------------------------------
     def gridding_weights(self, fw: list, n_iter: int) -> list:
@@ -314,6 +341,7 @@ class ColumnEngine:
                     w[sl] = (kz * kz + rho2 < grid.r2_sphere).astype(real)
                 wn.append(w)
                 buffers.append(xp.empty((self.parts[g].n_columns, n), dtype=complex_))
+        self._trace("gridding start")
 
         def blob_work(planes, z0, z1, e):
             xp = self.devices[e].xp
@@ -332,7 +360,9 @@ class ColumnEngine:
                         lines[col, kz % n] = wn[g][sl] * fw[g][sl]
                         buffers[g][c0:c1] = fft_module(xp).ifft(lines, axis=1, norm="forward")
                         del lines, col, kz
+            self._trace("columns inverse")
             self._plane_pass(buffers, n, flat, (0, n), blob_work)
+            self._trace("planes")
             for g, dev in enumerate(self.devices):
                 xp = dev.xp
                 with dev.use():
@@ -345,6 +375,7 @@ class ColumnEngine:
                         if clamp is not None:
                             xp.minimum(w, clamp, out=w)
                         del conv, mag, col, kz, rho2
+            self._trace("columns forward")
         del buffers
         return wn
 
@@ -416,13 +447,15 @@ class ColumnEngine:
                     buf[new_d[c0:c1][col][ok], kz[ok] % q] = fconv[g][sl][ok] * sign[ok].astype(buf.real.dtype)
                     del col, kz, ok, sign
                 fconv[g] = None
-                for c0 in range(0, buf.shape[0], max(1, self.chunk_voxels // q)):
-                    c1 = min(buf.shape[0], c0 + max(1, self.chunk_voxels // q))
+                for c0 in range(0, buf.shape[0], self.chunk_columns):
+                    c1 = min(buf.shape[0], c0 + self.chunk_columns)
                     buf[c0:c1] = fft_module(xp).ifft(buf[c0:c1], axis=1, norm="forward")
                 buffers.append(buf)
+        self._trace("final columns")
         flat = self._flat_index(q, q_columns)
         lo = q // 2 - n_box // 2
-        volume = np.empty((n_box, n_box, n_box), dtype=np.dtype(buffers[0].real.dtype)) if out is None else out
+        volume = _host_array((n_box, n_box, n_box), np.dtype(buffers[0].real.dtype), self.devices) if out is None \
+            else out
         scale = grid.pad**3 * n_box
         sums = {}
 
@@ -434,23 +467,26 @@ class ColumnEngine:
             c = _mask_profile(xp, n_box, z0 - lo, z1 - lo)
             part = xp.stack([(c * m.astype(xp.float64)).sum(), c.sum()])
             sums[e] = part if e not in sums else sums[e] + part
-            volume[z0 - lo:z1 - lo] = to_numpy(m)
+            _to_host(m, volume[z0 - lo:z1 - lo])
             return None
 
         self._plane_pass(buffers, q, flat, (lo, lo + n_box), invert)
+        self._trace("final planes")
         del buffers
+        _sync(self.devices)
         total = sum(to_numpy(v) for v in sums.values())
         background = total[0] / total[1]
-        dev = self.devices[0]
-        xp = dev.xp
-        with dev.use():
-            for z0 in range(0, n_box, self.plane_chunk):
-                z1 = min(n_box, z0 + self.plane_chunk)
+        for i, z0 in enumerate(range(0, n_box, self.plane_chunk)):      # mask and correct, chunks round-robin
+            z1 = min(n_box, z0 + self.plane_chunk)
+            dev = self.devices[i % len(self.devices)]
+            xp = dev.xp
+            with dev.use():
                 v = xp.asarray(volume[z0:z1]).astype(xp.float64)
                 c = _mask_profile(xp, n_box, z0, z1)
                 v = (1 - c) * v + c * background
                 s = xp.sinc(_radius(xp, n_box, z0, z1) / (n_box * grid.pad))
-                volume[z0:z1] = to_numpy((v / (s * s)).astype(volume.dtype))
+                _to_host((v / (s * s)).astype(volume.dtype), volume[z0:z1])
+        _sync(self.devices)
         return volume
 
 
@@ -487,7 +523,7 @@ def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, ff
     per_device = []
     for p, nq in zip(parts, ncol_q):
         npk = p.n_packed
-        chunks = p.chunks(chunk_voxels) or [(0, 0)]
+        chunks = p.chunks(max(1, chunk_voxels // max(n, q))) or [(0, 0)]
         cv = max(int(p.offsets[b] - p.offsets[a]) for a, b in chunks)
         ncc = max(b - a for a, b in chunks)
         index = 40 * cv
@@ -510,6 +546,23 @@ def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, ff
         per_device[0] = max(per_device[0], int(packing))
     host = n_box**3 * r + (sum(p.n_packed for p in parts) * c if stage_data else 0)
     return per_device, int(host)
+
+
+def _host_array(shape, dtype, devices):
+    """An empty host array, in page-locked memory when GPUs will copy into it (several times faster)."""
+    if any(d.gpu is not None for d in devices):
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+def _to_host(a, out) -> None:
+    """out[...] = a: an asynchronous copy on a's stream for GPU arrays (out page-locked)."""
+    if is_gpu_array(a):
+        a.get(out=out, blocking=False)
+    else:
+        out[...] = a
 
 
 def _radius(xp, n: int, z0: int, z1: int):
