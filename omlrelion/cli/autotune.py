@@ -41,6 +41,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="arithmetic (default: double on the CPU, single on GPUs)")
     p.add_argument("--allow-inexact", action="store_true",
                    help="also consider FFT-friendly sides above RELION's P (map differs by ~4e-4 relative)")
+    p.add_argument("--kernel", choices=("relion", "compact"), default="relion",
+                   help="gridding kernel (compact adds the direct convolution and makes every FFT side exact)")
     p.add_argument("--measure", type=int, default=0, metavar="K",
                    help="time the K best predicted plans on the real code and pick the fastest measured")
     p.add_argument("--free-gb", type=float, default=None, metavar="X",
@@ -116,7 +118,8 @@ def main(args: argparse.Namespace) -> dict:
     real = None if args.precision is None else (np.float32 if args.precision == "single" else np.float64)
     free = None if args.free_gb is None else int(args.free_gb * 1e9)
     plan, table = choose_plan(grid, devices, free_bytes=free, allow_inexact=args.allow_inexact, measure=args.measure,
-                              n_iter=args.iter, real_dtype=real, cache_dir=args.cache, recalibrate=args.recalibrate)
+                              n_iter=args.iter, real_dtype=real, cache_dir=args.cache, recalibrate=args.recalibrate,
+                              kernel=args.kernel)
     cal_file = calibration_path(devices[0], args.cache)
     print(f"box {grid.box_size}, pad {grid.pad:g}, r_max {grid.r_max}: P {grid.size} ({_factors(grid.size)}, "
           f"largest prime {largest_prime_factor(grid.size)}), Q {grid.final_size}; {args.iter} gridding iterations; "

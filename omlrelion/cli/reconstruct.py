@@ -38,10 +38,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("single", "double"), default=None,
                    help="arithmetic (default: double on the CPU, single on GPUs)")
     p.add_argument("--batch", type=int, default=None, help="particles per batch")
-    p.add_argument("--storage", choices=("dense", "packed", "auto"), default="dense",
-                   help="Fourier arrays of the sums-to-map step: dense, packed inside the resolution sphere, "
-                        "or auto (the planner picks devices, storage and layout that fit; see omlrelion autotune)")
-    p.add_argument("--strided", action="store_true", help="over several devices: strided slabs instead of blocks")
+    p.add_argument("--storage", choices=("dense", "packed", "auto"), default=None,
+                   help="sums-to-map arrays: dense (one device), packed (the sphere's columns, any number of "
+                        "devices) or auto (the planner picks devices, storage and layout that fit; see omlrelion "
+                        "autotune); default: dense on one device, packed on several")
+    p.add_argument("--strided", action="store_true",
+                   help="over several devices: strided plane chunks and column rows instead of blocks")
+    p.add_argument("--kernel", choices=("relion", "compact"), default="relion",
+                   help="gridding kernel: relion (RELION's tabulated blob, RELION's map; default) or compact (the "
+                        "blob as a Fourier-space stencil: any FFT side or the direct convolution gives the same "
+                        "map; packed storage)")
     p.add_argument("--half_maps", type=Path, nargs=2, default=None, metavar=("HALF1", "HALF2"),
                    help="report the FSC and resolution of these two half maps in the summary")
     p.add_argument("--json", type=Path, default=None, help="write a machine-readable summary here")
@@ -56,7 +62,7 @@ def main(args: argparse.Namespace) -> dict:
         pad=args.pad, n_iter=args.iter, maxres=args.maxres if args.maxres > 0 else None, sym=args.sym,
         subset=args.subset if args.subset in (1, 2) else None, skip_gridding=args.skip_gridding, nn=args.nn,
         fom_weighting=args.fom_weighting, fsc_path=args.fsc, precision=args.precision, batch_size=args.batch,
-        storage=args.storage, strided=args.strided)
+        storage=args.storage, strided=args.strided, kernel=args.kernel)
     devices = parse_device(args.device)
     summary = reconstruct(args.input, args.output, opts, device=devices, json_path=args.json,
                           half_maps=args.half_maps, show_progress=not args.quiet, argv=sys.argv)

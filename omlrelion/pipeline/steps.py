@@ -58,8 +58,10 @@ class ReconstructOptions:
     fsc_path: Path | None = None
     precision: str | None = None  # "single" | "double"; default double on the host, single on GPUs
     batch_size: int | None = None
-    storage: str = "dense"        # "dense" | "packed" | "auto" (the planner's choice): sums-to-map arrays
-    strided: bool = False         # slab layout over several devices: strided planes instead of blocks
+    storage: str | None = None    # "dense" | "packed" | "auto" (the planner's choice); None: dense on one
+                                  # device, packed on several
+    strided: bool = False         # over several devices: strided plane chunks and column rows instead of blocks
+    kernel: str = "relion"        # gridding kernel: "relion" (RELION's map) or "compact" (packed plans only)
 
 
 def _select_particles(particles: ParticleSet, opts: ReconstructOptions) -> ParticleSet:
@@ -199,7 +201,7 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
     precision = opts.precision or ("double" if device.gpu is None else "single")
     dtype = np.float64 if precision == "double" else np.float32
     # the plan of the sums-to-map step, before any particle is read: "auto" refuses what cannot fit
-    plan = plan_for(grid, devices, opts.storage, strided=opts.strided, real_dtype=dtype,
+    plan = plan_for(grid, devices, opts.storage, strided=opts.strided, real_dtype=dtype, kernel=opts.kernel,
                     n_iter=0 if opts.skip_gridding else opts.n_iter, map_term=fsc_curve is not None)
     devices = devices[:plan.n_devices]
     log.info("reconstructing %d particles, box %d, %.4f A/px, pad %g, r_max %d, grid %d^3 on %s",
@@ -224,7 +226,8 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
                                      fft_size=None if plan.is_exact(grid) else plan.fft_size)
         else:
             # pack, then free each dense array before the next is packed
-            engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size)
+            engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size, kernel=plan.kernel,
+                                  convolution=plan.convolution)
             sums = {"weight": weight, "data": data}
             del data, weight
             fw = engine.pack_centred(sums.pop("weight"))

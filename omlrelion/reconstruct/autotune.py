@@ -78,19 +78,25 @@ def inexact_sizes(grid: PaddedGrid) -> list[int]:
     return sorted(s for s in sizes if s <= _INEXACT_MAX_GROWTH * P)
 
 
-def enumerate_candidates(grid: PaddedGrid, n_devices: int, *, allow_inexact: bool = False) -> list[Plan]:
-    """Every plan for up to `n_devices` devices: one device dense; 1..n devices packed (contiguous
-    and strided for G > 1), with the packed data on the devices or staged on the host; RELION's P
-    and, with `allow_inexact`, the FFT-friendly sides of `inexact_sizes`."""
+def enumerate_candidates(grid: PaddedGrid, n_devices: int, *, allow_inexact: bool = False,
+                         kernel: str = "relion") -> list[Plan]:
+    """Every plan for up to `n_devices` devices: one device dense (RELION's kernel); 1..n devices
+    packed (contiguous and strided for G > 1), with the packed data on the devices or staged on the
+    host; RELION's P and, with `allow_inexact`, the FFT-friendly sides of `inexact_sizes`. With the
+    compact kernel the FFT-friendly sides are always candidates (they give the same map) and so is
+    the direct convolution on one device."""
     if int(n_devices) < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-    sizes = [grid.size] + (inexact_sizes(grid) if allow_inexact else [])
-    plans = [Plan(1, "dense", False, n) for n in sizes]
+    compact = kernel == "compact"
+    sizes = [grid.size] + (inexact_sizes(grid) if allow_inexact or compact else [])
+    plans = [] if compact else [Plan(1, "dense", False, n) for n in sizes]
     for g in range(1, int(n_devices) + 1):
         for strided in ((False,) if g == 1 else (False, True)):
             for n in sizes:
                 for stage in (False, True):
-                    plans.append(Plan(g, "packed", strided, n, stage))
+                    plans.append(Plan(g, "packed", strided, n, stage, kernel))
+    if compact:
+        plans += [Plan(1, "packed", False, grid.size, stage, kernel, "direct") for stage in (False, True)]
     return plans
 
 
@@ -146,6 +152,15 @@ def predict_seconds(plan: Plan, grid: PaddedGrid, calibration: dict, *, n_iter: 
     n = plan.fft_size
     npk = _sphere_count(P, grid.r2_sphere)
     n_columns = _disc_columns(P, grid.r2_sphere)
+    if plan.convolution == "direct":
+        from omlrelion.reconstruct.columns import compact_stencil
+
+        offsets, _ = compact_stencil(grid)
+        pairs = len({(int(a), int(b)) for a, b in offsets[:, 1:]})
+        per_iter = n_columns * n * r * (5 * len(offsets) + 12 * pairs + 8) / bw + npk * 60 / bw
+        final = (0.5 * fft_pair_seconds(cal, "columns", Q) + N ** 3 * r / copy["to_host"] * 3
+                 + N ** 3 * _MASK_BYTES / bw)
+        return npk * (r + c) * 6 / bw + n_iter * per_iter + final
     exchange = 0.0
     if G > 1:
         moved = n_columns * n * c * (G - 1) / G          # column values leaving (and coming back to) each device
@@ -226,7 +241,8 @@ def sizes_needed(grid: PaddedGrid, *, allow_inexact: bool = False) -> list[int]:
 def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | None = None,
                 allow_inexact: bool = False, measure: int = 0, calibration: dict | None = None,
                 n_iter: int = 10, real_dtype=None, map_term: bool = False, timer=None, cache_dir=None,
-                recalibrate: bool = False, input_on_device: bool | None = None) -> tuple[Plan, list[dict]]:
+                recalibrate: bool = False, input_on_device: bool | None = None,
+                kernel: str = "relion") -> tuple[Plan, list[dict]]:
     """The fastest plan that fits, and the table of every candidate.
 
     Parameters
@@ -246,6 +262,7 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
         float64 (host default). map_term : a tau2 term will be added (its temporaries are counted).
     input_on_device : whether device 0 holds the dense sums before a packed plan packs them
         (default: on GPUs); False for sums that arrive packed or from the host.
+    kernel : "relion" or "compact" (see `Plan`).
     timer : callable(plan) -> seconds replacing `measure_plan` (tests, external timing).
 
     Returns
@@ -266,7 +283,7 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
     if timer is None:
         cal_key = None if calibration is None else json.dumps(calibration, sort_keys=True, default=str)
         key = (grid.box_size, float(grid.pad), grid.r_max, tuple(devices), int(n_iter), bool(allow_inexact),
-               int(measure), free_bytes, real.name, bool(map_term), cal_key, input_on_device)
+               int(measure), free_bytes, real.name, bool(map_term), cal_key, input_on_device, kernel)
         if key in _DECISIONS:
             plan, table = _DECISIONS[key]
             return plan, [dict(row) for row in table]
@@ -278,7 +295,7 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
     free = [int(free_bytes)] * len(devices) if free_bytes is not None else free_memory(devices)
     dense_f32 = dense_float32_bytes(grid)
     rows = []
-    for plan in enumerate_candidates(grid, len(devices), allow_inexact=allow_inexact):
+    for plan in enumerate_candidates(grid, len(devices), allow_inexact=allow_inexact, kernel=kernel):
         est = memory_estimate(plan, grid, real, backend=backend, n_iter=n_iter, map_term=map_term,
                               input_on_device=input_on_device)
         work = [_work_bytes(calibration, plan, grid)] * plan.n_devices
@@ -330,22 +347,27 @@ def _work_bytes(calibration: dict, plan: Plan, grid: PaddedGrid) -> int:
 
 def plan_for(grid: PaddedGrid, devices: list[Device], storage: str = "auto", *, strided: bool = False,
              n_iter: int = 10, real_dtype=None, map_term: bool = False, allow_inexact: bool = False,
-             free_bytes: int | None = None, measure: int = 0, cache_dir=None) -> Plan:
+             free_bytes: int | None = None, measure: int = 0, cache_dir=None, kernel: str = "relion") -> Plan:
     """The plan `omlrelion reconstruct` runs: chosen by `choose_plan` for storage "auto", else the
     one asked for (all devices, RELION's P), with a warning when the model says it will not fit.
 
     Raises InputError (one line) when "auto" finds no plan that fits, before any particle is read.
     """
     devices = list(devices)
+    if storage is None:
+        storage = "dense" if len(devices) == 1 and kernel == "relion" else "packed"
     if storage == "auto":
         return choose_plan(grid, devices, free_bytes=free_bytes, allow_inexact=allow_inexact, measure=measure,
-                           n_iter=n_iter, real_dtype=real_dtype, map_term=map_term, cache_dir=cache_dir)[0]
+                           n_iter=n_iter, real_dtype=real_dtype, map_term=map_term, cache_dir=cache_dir,
+                           kernel=kernel)[0]
     if storage not in STORAGES:
         raise InputError(f"--storage {storage!r}: expected auto, dense or packed")
     if storage == "dense" and len(devices) > 1:
         raise InputError(f"--storage dense runs on one device, {len(devices)} were given: use --storage packed "
                          "or auto")
-    plan = Plan(len(devices), storage, bool(strided) and len(devices) > 1, grid.size)
+    if storage == "dense" and kernel != "relion":
+        raise InputError(f"--kernel {kernel} runs with --storage packed or auto")
+    plan = Plan(len(devices), storage, bool(strided) and len(devices) > 1, grid.size, kernel=kernel)
     real = np.dtype(real_dtype or (np.float32 if devices[0].gpu is not None else np.float64))
     est = memory_estimate(plan, grid, real, backend="numpy" if devices[0].gpu is None else "cupy",
                           n_iter=n_iter, map_term=map_term)

@@ -412,6 +412,7 @@ def _run_plan(plan: Plan, grid: PaddedGrid, devices: list[Device], data, weight,
         if plan.single_device_path:
             return reconstruct_map(data, weight, box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max,
                                    fft_size=None if plan.fft_size == grid.size else plan.fft_size, **kwargs)
-        engine = ColumnEngine(grid, list(devices[:plan.n_devices]), strided=plan.strided, fft_size=plan.fft_size)
+        engine = ColumnEngine(grid, list(devices[:plan.n_devices]), strided=plan.strided, fft_size=plan.fft_size,
+                              kernel=plan.kernel, convolution=plan.convolution)
         return reconstruct_packed(engine, engine.pack_centred(data), engine.pack_centred(weight),
                                   stage_data=plan.stage_data, **kwargs)

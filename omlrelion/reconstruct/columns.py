@@ -36,12 +36,13 @@ import numpy as np
 
 from omlrelion.backend import Device, fft_module, get_xp, is_gpu_array, to_numpy
 from omlrelion.geometry.grids import PaddedGrid
-from omlrelion.reconstruct.gridding import add_map_term, blob_table
+from omlrelion.reconstruct.gridding import BLOB_ALPHA, BLOB_RADIUS, add_map_term, blob_table
 from omlrelion.units import relion_round
 
 MAX_CHUNK_VOXELS = 1 << 24
 MIN_CHUNK_VOXELS = 1 << 14
 DEFAULT_PLANE_CHUNK = 16
+KERNELS = ("relion", "compact")
 
 
 def default_chunk_voxels(n_packed: int) -> int:
@@ -177,7 +178,15 @@ class ColumnEngine:
     """Packed sphere arrays over `devices` and the column/plane transforms between them."""
 
     def __init__(self, grid: PaddedGrid, devices: list[Device], *, strided: bool = False, fft_size: int | None = None,
-                 chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK):
+                 chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK, kernel: str = "relion",
+                 convolution: str = "fft"):
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if convolution not in ("fft", "direct"):
+            raise ValueError(f"convolution must be 'fft' or 'direct', got {convolution!r}")
+        if convolution == "direct" and (kernel != "compact" or len(devices) != 1):
+            raise ValueError("the direct convolution runs the compact kernel on one device")
+        self.kernel, self.convolution = kernel, convolution
         self.grid, self.devices = grid, list(devices)
         self.n = fft_size or grid.size
         if self.n < grid.size:
@@ -321,16 +330,17 @@ class ColumnEngine:
 
     # gridding -----------------------------------------------------------------------------
     def gridding_weights(self, fw: list, n_iter: int) -> list:
-        """Packed Wn after `n_iter` rounds (RELION's Pipe-Menon loop), in fw's float type."""
+        """Packed Wn after `n_iter` rounds (RELION's Pipe-Menon loop), in fw's float type.
+
+        Each round convolves Wn Fw with the blob: by FFTs (column pass, plane pass with the blob's
+        real-space transform, column pass), or with `convolution="direct"` (one device, compact
+        kernel) by the stencil itself on the z-lines of the sphere's columns.
+        """
         grid, n = self.grid, self.n
         real = fw[0].dtype
         complex_ = np.result_type(real, np.complex64)
         clamp = 1e20 if real == np.float32 else None
-        flat = self._flat_index(n, [(p.ky, p.kx) for p in self.parts])
-        tables = []
-        for dev in self.devices:
-            with dev.use():
-                tables.append(dev.xp.asarray(blob_table(), dtype=real))
+        direct = self.convolution == "direct"
         wn, buffers = [], []
         for g, dev in enumerate(self.devices):
             xp = dev.xp
@@ -340,15 +350,19 @@ class ColumnEngine:
                     _, kz, rho2 = self.chunk_frequencies(g, c0, c1)
                     w[sl] = (kz * kz + rho2 < grid.r2_sphere).astype(real)
                 wn.append(w)
-                buffers.append(xp.empty((self.parts[g].n_columns, n), dtype=complex_))
+                buffers.append(xp.empty((self.parts[g].n_columns, n), dtype=real if direct else complex_))
         self._trace("gridding start")
+        if direct:
+            stencil = _DirectStencil(self, real)
+        else:
+            flat = self._flat_index(n, [(p.ky, p.kx) for p in self.parts])
+            blob = [_RealSpaceBlob(self, dev, real) for dev in self.devices]
 
-        def blob_work(planes, z0, z1, e):
-            xp = self.devices[e].xp
-            fft = fft_module(xp)
-            m = fft.irfft2(planes, s=(n, n), axes=(1, 2), norm="forward")
-            _multiply_blob(m, tables[e], n, z0, grid.box_size * grid.pad / (grid.size / n))
-            return fft.rfft2(m, axes=(1, 2), norm="forward")
+            def blob_work(planes, z0, z1, e):
+                fft = fft_module(self.devices[e].xp)
+                m = fft.irfft2(planes, s=(n, n), axes=(1, 2), norm="forward")
+                blob[e].multiply(m, z0)
+                return fft.rfft2(m, axes=(1, 2), norm="forward")
 
         for _ in range(n_iter):
             for g, dev in enumerate(self.devices):
@@ -356,25 +370,33 @@ class ColumnEngine:
                 with dev.use():
                     for c0, c1, sl in self._chunks(g):
                         col, kz, _ = self.chunk_frequencies(g, c0, c1)
-                        lines = xp.zeros((c1 - c0, n), dtype=complex_)
+                        lines = xp.zeros((c1 - c0, n), dtype=buffers[g].dtype)
                         lines[col, kz % n] = wn[g][sl] * fw[g][sl]
-                        buffers[g][c0:c1] = fft_module(xp).ifft(lines, axis=1, norm="forward")
+                        buffers[g][c0:c1] = lines if direct else fft_module(xp).ifft(lines, axis=1, norm="forward")
                         del lines, col, kz
             self._trace("columns inverse")
-            self._plane_pass(buffers, n, flat, (0, n), blob_work)
+            if direct:
+                conv_lines = stencil.convolve(buffers[0])
+            else:
+                self._plane_pass(buffers, n, flat, (0, n), blob_work)
+                conv_lines = None
             self._trace("planes")
             for g, dev in enumerate(self.devices):
                 xp = dev.xp
                 with dev.use():
                     for c0, c1, sl in self._chunks(g):
                         col, kz, rho2 = self.chunk_frequencies(g, c0, c1)
-                        conv = fft_module(xp).fft(buffers[g][c0:c1], axis=1, norm="forward")[col, kz % n]
+                        if direct:
+                            conv = conv_lines[c0:c1][col, kz % n]
+                        else:
+                            conv = fft_module(xp).fft(buffers[g][c0:c1], axis=1, norm="forward")[col, kz % n]
                         mag = xp.maximum(xp.abs(conv), 1e-6).astype(real)
                         w = wn[g][sl]
                         w[...] = xp.where(kz * kz + rho2 < grid.r2_sphere, w / mag, w)
                         if clamp is not None:
                             xp.minimum(w, clamp, out=w)
                         del conv, mag, col, kz, rho2
+            del conv_lines
             self._trace("columns forward")
         del buffers
         return wn
@@ -499,7 +521,7 @@ def dense_float32_bytes(grid: PaddedGrid) -> int:
 
 def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, fft_size: int | None = None,
                   real_dtype=np.float32, n_iter: int = 10, stage_data: bool = False, input_on_device: bool = False,
-                  chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK):
+                  chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK, convolution: str = "fft"):
     """Modelled peak bytes per device (and on the host) of `reconstruct_packed`, FFT work areas excluded.
 
     Counts the packed arrays (fw, wn, data unless staged on the host), the column buffers, the
@@ -531,6 +553,8 @@ def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, ff
         plane_pass = 2 * zc * n * h * c + zc * n * n * r + 2 * zc * max_piece * c
         data = 0 if stage_data else npk * c
         gridding = 2 * npk * r + data + p.n_columns * n * c + 8 * ncol_total + max(column_pass, plane_pass)
+        if convolution == "direct":      # real z-lines and their convolution, gathered neighbours per chunk
+            gridding = 2 * npk * r + data + 2 * p.n_columns * n * r + max(column_pass, 4 * ncc * n * r + 24 * ncc)
         if n_iter <= 0:
             gridding = npk * r + data + npk * 8 + 80 * cv
         q_rows = max(1, chunk_voxels // q)
@@ -579,6 +603,115 @@ def _mask_profile(xp, n: int, z0: int, z1: int, width: float = 3.0):
     return xp.where(r < radius, 0.0, xp.where(r > outer, 1.0, 0.5 + 0.5 * xp.cos(np.pi * (outer - r) / width)))
 
 
+def compact_stencil(grid: PaddedGrid):
+    """The gridding kernel as a Fourier-space stencil: RELION's Kaiser-Bessel blob (radius 2 x 1.9,
+    alpha 15, order 0) at |d| N pad / P, the scale at which RELION's real-space table samples it,
+    normalised to sum 1. Returns (offsets (n_taps, 3) int64 as (dz, dy, dx), weights float64)."""
+    radius = 2 * BLOB_RADIUS
+    scale = grid.box_size * grid.pad / grid.size
+    reach = int(np.floor(radius / scale))
+    d = np.arange(-reach, reach + 1)
+    dz, dy, dx = np.meshgrid(d, d, d, indexing="ij")
+    r = np.sqrt(dz**2 + dy**2 + dx**2) * scale
+    keep = r < radius
+    weights = np.i0(BLOB_ALPHA * np.sqrt(1 - (r[keep] / radius) ** 2)) / np.i0(BLOB_ALPHA)
+    offsets = np.stack([dz[keep], dy[keep], dx[keep]], axis=1).astype(np.int64)
+    return offsets, weights / weights.sum()
+
+
+class _RealSpaceBlob:
+    """The blob's real-space transform on plane chunks of the side-n grid, on one device.
+
+    kernel "relion": RELION's table T(|r| / (N pad)) with its floor lookup and cut at rho = 0.5;
+    "compact": T(r) = sum over the stencil of w_d exp(2 pi i d.r / n), whose transform on the grid
+    is the stencil exactly (any n), made per chunk from separable (y, x) factors by matrix products.
+    """
+
+    def __init__(self, engine: ColumnEngine, device: Device, real):
+        xp = device.xp
+        grid, n = engine.grid, engine.n
+        self.kernel, self.n, self.xp, self.real = engine.kernel, n, xp, np.dtype(real)
+        with device.use():
+            if self.kernel == "relion":
+                self.table = xp.asarray(blob_table(), dtype=real)
+                self.norm = grid.box_size * grid.pad / (grid.size / n)
+                return
+            offsets, weights = compact_stencil(grid)
+            reach = int(np.abs(offsets).max())
+            self.reach = reach
+            coef = np.zeros((2 * reach + 1,) * 3)
+            coef[offsets[:, 0] + reach, offsets[:, 1] + reach, offsets[:, 2] + reach] = weights
+            self.coef = xp.asarray(coef.astype(np.complex128))
+            r = np.where(np.arange(n) < n // 2, np.arange(n), np.arange(n) - n)   # RELION's signed rule
+            self.r = r
+            d = np.arange(-reach, reach + 1)
+            phase = np.exp(2j * np.pi * np.outer(d, r) / n)                       # (2 reach + 1, n)
+            self.ey = xp.asarray(phase.T.copy())                                  # (n, nd): y rows
+            self.ex = xp.asarray(phase.copy())                                    # (nd, n): x columns
+            self.d = d
+
+    def multiply(self, m, z0: int) -> None:
+        if self.kernel == "relion":
+            _multiply_blob(m, self.table, self.n, z0, self.norm)
+            return
+        xp = self.xp
+        rz = self.r[z0:z0 + len(m)]
+        ez = xp.asarray(np.exp(2j * np.pi * np.outer(rz, self.d) / self.n))        # (zc, nd)
+        a = xp.einsum("zk,kyx->zyx", ez, self.coef)                               # (zc, nd_y, nd_x)
+        t = xp.matmul(xp.matmul(self.ey[None], a), self.ex[None]).real           # (zc, n, n)
+        m *= t.astype(self.real)
+
+
+class _DirectStencil:
+    """Conv(k) = sum_d w_d f(k + d) over the sphere's columns, on one device (the compact kernel).
+
+    f is held as full z-lines (side n, FFTW z order) of the device's columns; a neighbour column with
+    kx + dx < 0 is read through f(k) = f(-k) (the weights are real and Hermitian).
+    """
+
+    def __init__(self, engine: ColumnEngine, real):
+        part, dev = engine.parts[0], engine.devices[0]
+        xp = self.xp = dev.xp
+        self.n, self.chunk_columns, self.device, self.real = engine.n, engine.chunk_columns, dev, real
+        offsets, weights = compact_stencil(engine.grid)
+        reach = int(np.abs(offsets).max())
+        ky, kx = part.ky, part.kx
+        lim = int(np.abs(ky).max(initial=0)) + reach + 1
+        colmap = -np.ones((2 * lim + 1, lim + 1), dtype=np.int64)
+        colmap[ky + lim, kx] = np.arange(part.n_columns)
+        self.pairs = []
+        with dev.use():
+            for dy, dx in sorted({(int(a), int(b)) for a, b in offsets[:, 1:]}):
+                y, x = ky + dy, kx + dx
+                mirror = x < 0
+                src = np.where(mirror, colmap[-y + lim, np.abs(x)], colmap[y + lim, np.abs(x)])
+                sel = (offsets[:, 1] == dy) & (offsets[:, 2] == dx)
+                taps = [(int(dz), float(w)) for dz, w in zip(offsets[sel, 0], weights[sel])]
+                self.pairs.append((src, mirror, taps))
+
+    def convolve(self, lines):
+        """(n_columns, n) real z-lines -> their convolution with the stencil, same shape."""
+        xp, n = self.xp, self.n
+        with self.device.use():
+            out = xp.zeros_like(lines)
+            flip = xp.asarray((-np.arange(n)) % n)
+            for c0 in range(0, lines.shape[0], self.chunk_columns):
+                c1 = min(lines.shape[0], c0 + self.chunk_columns)
+                acc = out[c0:c1]
+                for src, mirror, taps in self.pairs:
+                    s, mr = src[c0:c1], mirror[c0:c1]
+                    valid = xp.asarray(s >= 0)
+                    g = lines[xp.asarray(np.maximum(s, 0))]
+                    if mr.any():
+                        mr_d = xp.asarray(mr)
+                        g[mr_d] = g[mr_d][:, flip]
+                    g *= valid[:, None].astype(self.real)
+                    for dz, w in taps:           # acc[:, z] += w g[:, (z + dz) mod n]
+                        acc += self.real.type(w) * xp.roll(g, -dz, axis=1)
+                    del g
+            return out
+
+
 def _multiply_blob(m, table, n: int, z0: int, norm: float) -> None:
     """m *= T(|r| / norm) on the real planes z0 .. z0+len(m) of a side-n grid (RELION's floor lookup)."""
     xp = get_xp(m)
@@ -618,7 +751,8 @@ def reconstruct_map_columns(data_ftc, weight_ftc, *, devices: list[Device], box_
                             r_max: int | None = None, n_iter: int = 10, skip_gridding: bool = False, tau2=None,
                             tau2_fudge: float = 1.0, minres_map: int = -1, strided: bool = False,
                             fft_size: int | None = None, chunk_voxels: int | None = None,
-                            plane_chunk: int = DEFAULT_PLANE_CHUNK, timings=None):
+                            plane_chunk: int = DEFAULT_PLANE_CHUNK, kernel: str = "relion", convolution: str = "fft",
+                            timings=None):
     """Padded projector-centred sums -> (N, N, N) host map, as `gridding.reconstruct_map`, over `devices`.
 
     The sums may live on the host or on one device; each device receives its packed columns.
@@ -629,7 +763,7 @@ def reconstruct_map_columns(data_ftc, weight_ftc, *, devices: list[Device], box_
         raise ValueError(f"Fourier sums have shape {data_ftc.shape}, expected {grid.shape} for "
                          f"box {box_size}, pad {pad}, r_max {grid.r_max}")
     engine = ColumnEngine(grid, devices, strided=strided, fft_size=fft_size, chunk_voxels=chunk_voxels,
-                          plane_chunk=plane_chunk)
+                          plane_chunk=plane_chunk, kernel=kernel, convolution=convolution)
     fw = engine.pack_centred(weight_ftc)
     return reconstruct_packed(engine, lambda: engine.pack_centred(data_ftc), fw, n_iter=n_iter,
                               skip_gridding=skip_gridding, tau2=tau2, tau2_fudge=tau2_fudge, minres_map=minres_map,

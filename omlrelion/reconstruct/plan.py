@@ -40,6 +40,9 @@ class Plan:
     fft_size : side of the gridding loop's FFTs: RELION's odd P (exact), or a larger FFT-friendly
         side (differs from RELION's grid by ~4e-4 relative).
     stage_data : packed: the packed data waits in host memory during the gridding loop.
+    kernel : "relion" (RELION's tabulated real-space blob; the map is RELION's on P) or "compact"
+        (the blob as a Fourier-space stencil; packed only; the map does not depend on fft_size).
+    convolution : "fft", or "direct" (the compact stencil applied in Fourier space; one device).
     """
 
     n_devices: int
@@ -47,14 +50,19 @@ class Plan:
     strided: bool
     fft_size: int
     stage_data: bool = False
+    kernel: str = "relion"
+    convolution: str = "fft"
 
     def __post_init__(self):
         if int(self.n_devices) < 1:
             raise ValueError(f"n_devices must be >= 1, got {self.n_devices}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
-        if self.storage == "dense" and (self.n_devices != 1 or self.stage_data):
-            raise ValueError("dense storage runs on one device, without host staging")
+        if self.storage == "dense" and (self.n_devices != 1 or self.stage_data or self.kernel != "relion"):
+            raise ValueError("dense storage runs on one device, without host staging, with RELION's kernel")
+        if self.convolution == "direct" and (self.kernel != "compact" or self.n_devices != 1
+                                             or self.storage != "packed"):
+            raise ValueError("the direct convolution runs the compact kernel, packed, on one device")
 
     @property
     def single_device_path(self) -> bool:
@@ -62,8 +70,9 @@ class Plan:
         return self.storage == "dense"
 
     def is_exact(self, grid: PaddedGrid) -> bool:
-        """True when the FFTs run on RELION's own grid side P."""
-        return self.fft_size == grid.size
+        """True when the map is the one of the plan's kernel on RELION's grid side P (an FFT on P,
+        or the compact kernel, whose map does not depend on the FFT side)."""
+        return self.fft_size == grid.size or self.kernel == "compact"
 
     def describe(self) -> str:
         """One line, e.g. '2 devices, packed, strided, fft 515'."""
@@ -73,6 +82,10 @@ class Plan:
         parts.append(f"fft {self.fft_size}")
         if self.stage_data:
             parts.append("data staged on host")
+        if self.kernel != "relion":
+            parts.append(f"{self.kernel} kernel")
+        if self.convolution == "direct":
+            parts[parts.index(f"fft {self.fft_size}")] = "direct convolution"
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -82,7 +95,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         return cls(int(d["n_devices"]), str(d["storage"]), bool(d["strided"]), int(d["fft_size"]),
-                   bool(d.get("stage_data", False)))
+                   bool(d.get("stage_data", False)), str(d.get("kernel", "relion")), str(d.get("convolution", "fft")))
 
 
 def largest_prime_factor(n: int) -> int:

@@ -72,6 +72,11 @@ def test_candidates_enumerate_as_specified():
     inexact = [p for p in enumerate_candidates(grid, 3, allow_inexact=True) if p.fft_size != 515]
     assert len(inexact) == 11 * len(sizes)
     assert sorted({p.fft_size for p in inexact}) == sizes
+    compact = enumerate_candidates(grid, 2, kernel="compact")
+    assert all(p.kernel == "compact" and p.storage == "packed" and p.is_exact(grid) for p in compact)
+    direct = [p for p in compact if p.convolution == "direct"]
+    assert len(direct) == 2 and all(p.n_devices == 1 for p in direct)
+    assert {p.fft_size for p in compact} == {515, *sizes}
 
 
 def _sums(rng, grid, dtype):
