@@ -61,7 +61,8 @@ def _random_packed(engine, seed: int):
 
 
 def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: bool, n_iter: int,
-             force_exact: bool = False) -> dict:
+             force_exact: bool = False, r_max: int | None = None, kernel: str = "relion",
+             convolution: str | None = None) -> dict:
     import cupy as cp
 
     from omlrelion.backend import Device
@@ -72,7 +73,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
 
     devices = [Device(i) for i in range(n_gpus)]
     _reset(devices)
-    grid = PaddedGrid(box, 2.0, box // 2)
+    grid = PaddedGrid(box, 2.0, r_max or box // 2)
     free = min(free_memory(devices))
     if limit_bytes:
         free = min(free, int(limit_bytes * 0.95))
@@ -81,10 +82,12 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
                 cp.get_default_memory_pool().set_limit(size=limit_bytes)
     t = time.perf_counter()
     plan, table = choose_plan(grid, devices, free_bytes=free, allow_inexact=allow_inexact and not force_exact,
-                              n_iter=n_iter, input_on_device=False)
-    if plan.n_devices != n_gpus:      # the case asks for n_gpus: the best packed plan on all of them
-        plan = min((Plan.from_dict(row["plan"]) for row in table if row["fits"]
-                    and row["plan"]["n_devices"] == n_gpus), key=lambda p: p.stage_data, default=plan)
+                              n_iter=n_iter, input_on_device=False, kernel=kernel)
+    if plan.n_devices != n_gpus or (convolution and plan.convolution != convolution):
+        # the case asks for n_gpus (and a convolution): the best-ranked plan that fits with them
+        plan = next((Plan.from_dict(row["plan"]) for row in table if row["fits"]
+                     and row["plan"]["n_devices"] == n_gpus
+                     and (convolution is None or row["plan"]["convolution"] == convolution)), plan)
     plan_s = time.perf_counter() - t
     chosen = next((row for row in table if Plan.from_dict(row["plan"]) == plan), None)
     _reset(devices)
@@ -94,10 +97,12 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
         from omlrelion.reconstruct.gridding import reconstruct_map
 
         data, weight = _random_sums(grid, devices[0], np.float32, seed=box)
-        run = lambda: reconstruct_map(data, weight, box_size=box, n_iter=n_iter, timings=timings,  # noqa: E731
+        run = lambda: reconstruct_map(data, weight, box_size=box, r_max=grid.r_max, n_iter=n_iter,  # noqa: E731
+                                      timings=timings,
                                       fft_size=None if plan.fft_size == grid.size else plan.fft_size)
     else:
-        engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size)
+        engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size, kernel=plan.kernel,
+                              convolution=plan.convolution)
         engine.memory_trace = []
         fw, data = _random_packed(engine, seed=box)
         run = lambda: reconstruct_packed(engine, data, fw, n_iter=n_iter, stage_data=plan.stage_data,  # noqa: E731
@@ -121,7 +126,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
             used.append(int(total_b - free_b))
     model = list(memory_estimate(plan, grid, np.float32, n_iter=n_iter, input_on_device=False).per_device)
     row = {
-        "box": box, "gpus": n_gpus, "padded_size": grid.size, "plan": plan.describe(),
+        "box": box, "gpus": n_gpus, "r_max": grid.r_max, "padded_size": grid.size, "plan": plan.describe(),
         "exact": plan.fft_size == grid.size, "seconds": seconds, "gridding_s": timings.get("gridding"),
         "fft_to_map_s": timings.get("fft_to_map"), "plan_s": plan_s,
         "predicted_s": chosen["predicted_s"] if chosen else None,
@@ -138,16 +143,16 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
 
 
 def table(rows) -> str:
-    head = ("| box | P | GPUs | plan chosen | time (s) | gridding (s) | to map (s) | peak/GPU, pool (GB) | "
+    head = ("| box | r_max | P | GPUs | plan chosen | time (s) | gridding (s) | to map (s) | peak/GPU, pool (GB) | "
             "driver used/GPU (GB) | model/GPU (GB) | dense f32 (GB) | peak / dense | limit (GB) |")
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['box']} | | {r['gpus']} | {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['box']} | | | {r['gpus']} | {r['error']} | | | | | | | | | |")
             continue
         peak = max(r["pool_peak_bytes"])
         lines.append(
-            f"| {r['box']} | {r['padded_size']} | {r['gpus']} | {r['plan']} | {r['seconds']:.2f} | "
+            f"| {r['box']} | {r['r_max']} | {r['padded_size']} | {r['gpus']} | {r['plan']} | {r['seconds']:.2f} | "
             f"{r['gridding_s']:.2f} | {r['fft_to_map_s']:.2f} | {' / '.join(_gb(b) for b in r['pool_peak_bytes'])} | "
             f"{' / '.join(_gb(b) for b in r['driver_used_bytes'])} | {_gb(max(r['model_bytes']))} | "
             f"{_gb(r['dense_float32_bytes'])} | {peak / r['dense_float32_bytes']:.2f} | "
@@ -157,7 +162,11 @@ def table(rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", required=True, help="BOX:GPUS, e.g. 800:2")
+    p.add_argument("--cases", nargs="+", required=True,
+                   help="BOX:GPUS[:R_MAX], e.g. 800:2 (r_max in Fourier pixels; default BOX/2)")
+    p.add_argument("--kernel", choices=("relion", "compact"), default="relion")
+    p.add_argument("--convolution", choices=("fft", "direct"), default=None,
+                   help="run the best plan with this convolution (default: the tuner's choice)")
     p.add_argument("--iter", type=int, default=10)
     p.add_argument("--exact", action="store_true", help="RELION's P only (no FFT-friendly sides)")
     p.add_argument("--memory-limit-gb", type=float, default=None, help="cap each GPU's CuPy pool (GB, 1e9 B)")
@@ -167,11 +176,11 @@ def main(argv=None) -> int:
     limit = int(args.memory_limit_gb * 1e9) if args.memory_limit_gb else None
     rows = []
     for case in args.cases:
-        box, _, g = case.partition(":")
-        box, g = int(box), int(g or 1)
+        fields = [int(f) for f in case.split(":")]
+        box, g, r_max = fields[0], (fields[1:2] or [1])[0], (fields[2:3] or [None])[0]
         try:
             row = run_case(box, g, limit_bytes=limit, allow_inexact=not args.exact, n_iter=args.iter,
-                           force_exact=args.exact)
+                           force_exact=args.exact, r_max=r_max, kernel=args.kernel, convolution=args.convolution)
         except Exception as exc:           # keep the other cases: out of memory is a result too
             row = {"box": box, "gpus": g, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
         rows.append(row)
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
     text = (f"Device: {rows[0].get('device', '?')}; host {platform.node()}; python {sys.version.split()[0]}; "
-            f"{args.iter} gridding iterations; pad 2, r_max = box/2; "
+            f"{args.iter} gridding iterations; pad 2; kernel {args.kernel}; "
             f"{'memory limit %.0f GB per GPU' % args.memory_limit_gb if limit else 'no memory limit'}\n\n"
             + table(rows))
     print(text)

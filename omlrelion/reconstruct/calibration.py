@@ -194,13 +194,23 @@ def _to_host_bandwidth(device: Device, nbytes: int, clock, repeats: int = 3) -> 
     return a.nbytes / max(best, 1e-9)
 
 
-def _fit_fft(points: dict) -> dict:
-    """Fit t = a n^3 log2(n^3) (1 + b log2(lpf / 7) if lpf > 7) to {n: seconds}, relative errors."""
+def _fit_fft(points: dict, *, intercept: bool = False) -> dict:
+    """Fit t = a n^3 log2(n^3) (1 + b log2(lpf / 7) if lpf > 7) to {n: seconds}, relative errors.
+
+    With `intercept`, t = t0 + a n^3 log2(n^3) (no prime penalty): the column engine's rounds have a
+    fixed cost (launches, index tables) that dominates small sides.
+    """
     ns = np.array(sorted(int(k) for k in points), dtype=np.float64)
     if not len(ns):
         return {"a": None, "b": None}
     t = np.array([points[str(int(n))] for n in ns])
     x = ns ** 3 * np.log2(ns ** 3)
+    if intercept:
+        if len(ns) >= 2:
+            (t0, a), *_ = np.linalg.lstsq(np.stack([1 / t, x / t], axis=1), np.ones_like(t), rcond=None)
+            if a > 0 and t0 >= 0:
+                return {"a": float(a), "b": 0.0, "t0": float(t0)}
+        return {"a": float(np.exp(np.mean(np.log(t / x)))), "b": 0.0, "t0": 0.0}
     lp = np.array([math.log2(max(largest_prime_factor(int(n)) / 7.0, 1.0)) for n in ns])
     if np.any(lp > 0) and np.any(lp == 0):
         A = np.stack([x / t, x * lp / t], axis=1)
@@ -226,7 +236,7 @@ def fft_pair_seconds(calibration: dict, kind: str, n: int) -> float:
                          "to extrapolate from; recalibrate")
     lpf = largest_prime_factor(int(n))
     penalty = 1.0 + fit["b"] * math.log2(lpf / 7.0) if lpf > 7 else 1.0
-    return fit["a"] * n ** 3 * math.log2(n ** 3) * penalty
+    return fit.get("t0", 0.0) + fit["a"] * n ** 3 * math.log2(n ** 3) * penalty
 
 
 def fft_work_bytes(calibration: dict, kind: str, n: int) -> int:
@@ -287,11 +297,11 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dty
                   "memory_factor_source": "default"}
     budget = max_bytes if max_bytes is not None else free_memory([device])[0] // 2
 
-    def fits(n):
-        return _pair_bytes("3d", n, real) <= budget
-
     sizes = sorted({int(n) for n in sizes})
     for kind in kinds:
+        def fits(n, kind=kind):
+            return _pair_bytes(kind, n, real) <= budget
+
         measured = record["fft_pair_s"].setdefault(kind, {})
         work = record["fft_work_bytes"].setdefault(kind, {})
         todo = [n for n in sizes if fits(n)]
@@ -302,7 +312,7 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dty
                 measured[str(n)], work[str(n)] = _time_pair(kind, n, device, real, repeats, clock)
                 log.info("calibration %s: %s FFT pair of side %d: %.4g s", record["device_model"], kind, n,
                          measured[str(n)])
-        record["fft_fit"][kind] = _fit_fft(measured)
+        record["fft_fit"][kind] = _fit_fft(measured, intercept=kind == "columns")
     gpus = [d for d in dict.fromkeys(devices) if d.gpu is not None]
     if len(gpus) > 1 and not record.get("peer_measured", False):
         record.pop("memory_bandwidth_Bps", None)          # measured on one GPU before: measure peers now
@@ -380,7 +390,7 @@ def get_calibration(devices: list[Device], sizes, *, cache_dir=None, recalibrate
         real = np.dtype(real_dtype or (np.float32 if devices[0].gpu is not None else np.float64))
         budget = max_bytes if max_bytes is not None else free_memory([devices[0]])[0] // 2
         missing = [n for n in {int(n) for n in sizes} for k in ("3d", "columns")
-                   if str(n) not in record["fft_pair_s"].get(k, {}) and _pair_bytes("3d", n, real) <= budget]
+                   if str(n) not in record["fft_pair_s"].get(k, {}) and _pair_bytes(k, n, real) <= budget]
         if sum(d.gpu is not None for d in dict.fromkeys(devices)) > 1 and not record.get("peer_measured", False):
             missing.append("peer bandwidth")
         if not missing and all((record["fft_fit"].get(k) or {}).get("a") for k in ("3d", "columns")):

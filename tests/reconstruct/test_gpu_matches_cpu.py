@@ -93,3 +93,18 @@ def test_whole_reconstruction_packed_plan_on_gpu(relion_sim64, tmp_path):
     cpu = mrcfile.read(tmp_path / "cpu.mrc").astype(np.float64)
     gpu = mrcfile.read(tmp_path / "gpu.mrc").astype(np.float64)
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) <= 1e-4
+
+
+def test_compact_kernel_fft_and_direct_on_gpu_vs_cpu(padded_sums):
+    """The compact kernel on one GPU (float32): FFT on P, FFT on a friendly side and the direct stencil
+    against the float64 CPU map of the same kernel."""
+    import cupy as cp
+
+    from omlrelion.reconstruct.columns import reconstruct_map_columns
+
+    grid, data, weight = padded_sums(40, n_images=300)
+    ref = reconstruct_map_columns(data, weight, devices=[Device()], box_size=40, kernel="compact")
+    for kw in ({}, {"fft_size": 90}, {"convolution": "direct"}):
+        gpu = reconstruct_map_columns(cp.asarray(data.astype(np.complex64)), cp.asarray(weight.astype(np.float32)),
+                                      devices=[Device(0)], box_size=40, kernel="compact", **kw)
+        assert np.linalg.norm(gpu - ref) / np.linalg.norm(ref) <= 1e-4, kw
