@@ -39,6 +39,7 @@ from omlrelion.reconstruct.calibration import (
     fft_pair_seconds,
     fft_work_bytes,
     get_calibration,
+    dense_fft_possible,
     memory_need,
 )
 from omlrelion.reconstruct.calibration import calibrate as calibrate  # re-exported
@@ -295,7 +296,10 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
     free = [int(free_bytes)] * len(devices) if free_bytes is not None else free_memory(devices)
     dense_f32 = dense_float32_bytes(grid)
     rows = []
-    for plan in enumerate_candidates(grid, len(devices), allow_inexact=allow_inexact, kernel=kernel):
+    candidates = [p for p in enumerate_candidates(grid, len(devices), allow_inexact=allow_inexact, kernel=kernel)
+                  if not p.single_device_path or (dense_fft_possible(devices[0], p.fft_size)
+                                                  and dense_fft_possible(devices[0], grid.final_size))]
+    for plan in candidates:
         est = memory_estimate(plan, grid, real, backend=backend, n_iter=n_iter, map_term=map_term,
                               input_on_device=input_on_device)
         work = [_work_bytes(calibration, plan, grid)] * plan.n_devices
@@ -340,9 +344,9 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
 def _work_bytes(calibration: dict, plan: Plan, grid: PaddedGrid) -> int:
     """cuFFT plan work areas a device holds for `plan` (the plan cache keeps them between calls)."""
     if plan.single_device_path:
-        # sides not measured: at least 16 B a voxel (a 3D c2r at 1215 on an H200 asked for 1215^3 x 16 B)
-        return sum(fft_work_bytes(calibration, "3d", n) if str(n) in calibration.get("fft_work_bytes", {}).get("3d", {})
-                   else max(fft_work_bytes(calibration, "3d", n), 16 * n**3)
+        # sides of 2^30 voxels and more: at least 16 B a voxel (a 3D c2r of side 1215 on an H200
+        # allocated 1215^3 x 16 B beyond the model and the plan's reported work area)
+        return sum(max(fft_work_bytes(calibration, "3d", n), 16 * n**3 if n**3 >= 2**30 else 0)
                    for n in (plan.fft_size, grid.final_size))
     return fft_work_bytes(calibration, "columns", plan.fft_size) + fft_work_bytes(calibration, "columns",
                                                                                    grid.final_size)

@@ -136,6 +136,15 @@ def _time_pair(kind: str, n: int, device: Device, real, repeats: int, clock) -> 
     return min(times), work
 
 
+CUFFT_MAX_ELEMENTS = 2**31 - 1
+
+
+def dense_fft_possible(device: Device, n: int) -> bool:
+    """Whether a whole-volume 3D FFT of side n can run on `device`: CuPy's n-d cuFFT plans take
+    32-bit sizes (an H200 answered CUFFT_INVALID_SIZE above 2^31 elements); the host has no limit."""
+    return device.gpu is None or n**3 <= CUFFT_MAX_ELEMENTS
+
+
 def _grid_for_side(n: int) -> PaddedGrid:
     """The full-resolution pad-2 grid with the largest odd side P <= n (P = 2 box + 3)."""
     box = max(4, ((n - 3) // 2) // 2 * 2)
@@ -300,7 +309,7 @@ def calibrate(devices: list[Device], sizes, *, kinds=("3d", "columns"), real_dty
     sizes = sorted({int(n) for n in sizes})
     for kind in kinds:
         def fits(n, kind=kind):
-            return _pair_bytes(kind, n, real) <= budget
+            return _pair_bytes(kind, n, real) <= budget and (kind != "3d" or dense_fft_possible(device, n))
 
         measured = record["fft_pair_s"].setdefault(kind, {})
         work = record["fft_work_bytes"].setdefault(kind, {})

@@ -40,13 +40,13 @@ from omlrelion.reconstruct.gridding import BLOB_ALPHA, BLOB_RADIUS, add_map_term
 from omlrelion.units import relion_round
 
 MAX_CHUNK_VOXELS = 1 << 24
-MIN_CHUNK_VOXELS = 1 << 14
+MIN_CHUNK_VOXELS = 1 << 20
 DEFAULT_PLANE_CHUNK = 16
 KERNELS = ("relion", "compact")
 
 
 def default_chunk_voxels(n_packed: int) -> int:
-    """Packed voxels per column chunk: 1/32 of a device's share, within [2^14, 2^24], so that the
+    """Packed voxels per column chunk: 1/32 of a device's share, within [2^20, 2^24], so that the
     chunk's index temporaries (~70 B a voxel) stay small next to the packed arrays."""
     return int(min(MAX_CHUNK_VOXELS, max(MIN_CHUNK_VOXELS, n_packed // 32)))
 
@@ -196,7 +196,7 @@ class ColumnEngine:
         self.strided, self.plane_chunk = strided, max(1, int(plane_chunk))
         self.chunk_voxels = int(chunk_voxels or default_chunk_voxels(max(p.n_packed for p in self.parts)))
         # columns per chunk: the chunk's z-lines (columns x side) hold at most chunk_voxels values
-        self.chunk_columns = max(1, self.chunk_voxels // max(self.n, grid.final_size))
+        self.chunk_columns = max(1, self.chunk_voxels // self.n)
         self.memory_trace = None           # a list to receive (phase, pool bytes per device)
 
     # packed arrays ------------------------------------------------------------------------
@@ -469,8 +469,9 @@ class ColumnEngine:
                     buf[new_d[c0:c1][col][ok], kz[ok] % q] = fconv[g][sl][ok] * sign[ok].astype(buf.real.dtype)
                     del col, kz, ok, sign
                 fconv[g] = None
-                for c0 in range(0, buf.shape[0], self.chunk_columns):
-                    c1 = min(buf.shape[0], c0 + self.chunk_columns)
+                rows = max(1, self.chunk_voxels // q)
+                for c0 in range(0, buf.shape[0], rows):
+                    c1 = min(buf.shape[0], c0 + rows)
                     buf[c0:c1] = fft_module(xp).ifft(buf[c0:c1], axis=1, norm="forward")
                 buffers.append(buf)
         self._trace("final columns")
@@ -545,7 +546,7 @@ def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, ff
     per_device = []
     for p, nq in zip(parts, ncol_q):
         npk = p.n_packed
-        chunks = p.chunks(max(1, chunk_voxels // max(n, q))) or [(0, 0)]
+        chunks = p.chunks(max(1, chunk_voxels // n)) or [(0, 0)]
         cv = max(int(p.offsets[b] - p.offsets[a]) for a, b in chunks)
         ncc = max(b - a for a, b in chunks)
         index = 40 * cv
