@@ -127,7 +127,7 @@ def test_memory_model_matches_tracemalloc(rng, box, r_max, n_devices, storage, s
 
 
 def test_memory_per_device_with_devices_and_packing():
-    grid = PaddedGrid(128, 2.0, 64)
+    grid = PaddedGrid(320, 2.0, 160)
     P = grid.size
     one = memory_estimate(Plan(1, "dense", False, P), grid)            # CuPy: fused single-device loop
     one_packed = memory_estimate(Plan(1, "packed", False, P), grid)
