@@ -125,8 +125,9 @@ def _host_available_bytes() -> tuple[int, int]:
 def free_memory(devices: list[Device], *, margin_fraction: float = 0.05) -> list[int]:
     """Bytes each device may use now, less a safety margin of `margin_fraction` of its total.
 
-    GPU: `cudaMemGetInfo`'s free bytes plus the CuPy pool's cached free blocks. Host devices
-    (simulated GPUs) share the host's MemAvailable: each entry is that shared amount.
+    GPU: `cudaMemGetInfo`'s free bytes plus the CuPy pool's cached free blocks, within the pool's
+    limit when one is set. Host devices (simulated GPUs) share the host's MemAvailable: each entry
+    is that shared amount.
     """
     out = []
     for dev in devices:
@@ -136,6 +137,10 @@ def free_memory(devices: list[Device], *, margin_fraction: float = 0.05) -> list
             cp = dev.xp
             with dev.use():
                 free, total = cp.cuda.runtime.memGetInfo()
-                free += cp.get_default_memory_pool().free_bytes()
+                pool = cp.get_default_memory_pool()
+                free += pool.free_bytes()
+                limit = pool.get_limit()
+                if limit:
+                    free, total = min(free, limit - pool.used_bytes()), min(total, limit)
         out.append(max(int(free - margin_fraction * total), 0))
     return out
