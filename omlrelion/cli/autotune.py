@@ -40,7 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("single", "double"), default=None,
                    help="arithmetic (default: double on the CPU, single on GPUs)")
     p.add_argument("--allow-inexact", action="store_true",
-                   help="also consider FFT-friendly sides above RELION's P (map differs by ~4e-4 relative)")
+                   help="also consider FFT-friendly sides above RELION's P with RELION's kernel (the map differs by "
+                        "~1e-3 relative; with --kernel compact they are always considered and exact)")
     p.add_argument("--kernel", choices=("relion", "compact"), default="relion",
                    help="gridding kernel (compact adds the direct convolution and makes every FFT side exact)")
     p.add_argument("--measure", type=int, default=0, metavar="K",
@@ -126,7 +127,7 @@ def main(args: argparse.Namespace) -> dict:
           f"{len(devices)} device(s) of {device_model(devices[0])}; calibration {cal_file}")
     print(format_table(grid, table))
     print(f"chosen: {plan.describe()}" + ("" if plan.is_exact(grid) else
-                                          " (inexact: differs from RELION's grid by ~4e-4 relative)"))
+                                          " (inexact: RELION's kernel on another FFT side; the map differs by ~1e-3 relative)"))
     summary = {"box_size": grid.box_size, "pad": grid.pad, "r_max": grid.r_max, "padded_size": grid.size,
                "final_size": grid.final_size, "gridding_iterations": args.iter, "device": args.device,
                "device_model": device_model(devices[0]), "calibration": str(cal_file),

@@ -1,21 +1,23 @@
-"""Plans for the sums-to-map step: which path, how many devices, which storage and FFT size.
+"""Plans for the sums-to-map step: which path, how many devices, which storage, kernel and FFT size.
 
-A `Plan` says how `reconstruct_map` (one device, dense) or `reconstruct_map_distributed` (slabs
-over G devices, dense or packed) is run for one grid. `choose_plan` enumerates the candidates for
-a `PaddedGrid` and a device list, drops those whose modelled memory does not fit in each device's
-free memory, ranks the rest by a calibrated cost model and, with ``measure=k``, times the k best
-on the real code. It depends only on (box, pad, r_max, devices) and a few options, so a refinement
-calls it every iteration (r_max grows) and gets cached decisions.
+A `Plan` says how `gridding.reconstruct_map` (one device, dense) or `columns.reconstruct_packed`
+(the sphere's columns packed over G devices) is run for one grid. `choose_plan` enumerates the
+candidates for a `PaddedGrid` and a device list, drops those whose modelled memory does not fit in
+each device's free memory, ranks the rest by a calibrated cost model and, with ``measure=k``,
+times the k best on the real code. It depends only on (box, pad, r_max, devices) and a few
+options, so a refinement calls it every iteration (r_max grows) and gets cached decisions.
 
 Memory model: `reconstruct.memory_model`. Calibration: `reconstruct.calibration`.
 
 Cost model
 ----------
-``n_iter`` gridding iterations, each one c2r + r2c pair of side ``fft_size`` (measured on the
-device, or extrapolated as ``a n^3 log2(n^3) penalty(largest prime factor)``), split over the
-devices, plus two all-to-all exchanges (bytes / measured copy bandwidth) and the elementwise
-passes (bytes / measured memory bandwidth); then the window and inverse FFT on Q and the mask.
-Simulated host devices share one CPU, so their work adds up instead of running side by side.
+Dense: ``n_iter`` whole-volume c2r + r2c pairs of side ``fft_size`` (measured, or extrapolated as
+``a n^3 log2(n^3) penalty(largest prime factor)``) plus the elementwise passes (bytes / measured
+bandwidth), then the window, inverse FFT on Q and mask. Packed: ``n_iter`` rounds of the column
+engine (measured on one device, fitted as ``t0 + a n^3 log2(n^3)``) divided over the devices,
+plus the column exchange (bytes / measured peer bandwidth), the final stage and the map's copy to
+the host; the direct convolution by the bytes its taps move. Simulated host devices share one
+CPU, so their work adds up instead of running side by side.
 """
 
 from __future__ import annotations

@@ -1,29 +1,21 @@
-"""Memory model of the sums-to-map step: a replay of the implementation's allocations.
+"""Memory model of the sums-to-map step.
 
-`memory_estimate` replays, allocation by allocation, what the current implementation holds:
-the centred input sums on the input device; per device the Fourier slabs (``fw``, ``wn``, data,
-dense or packed), the int64 ``|k|^2`` and bool ``inside`` arrays, the blob slab and the
-temporaries that build it, the `SlabFFT` buffers (2D/1D FFT outputs, gathered exchange buffers,
-exchanged pieces, c2r outputs), the temporaries of every elementwise update, and the final
-window and inverse on the Q grid; or the same for the single-device path. NumPy's temporary
-elision (``a * b + c`` reusing a temporary) is followed on the host; CuPy allocates a new array
-for every operation. Library buffers: CuPy copies the input of every c2r transform and of every
-FFT along a non-last axis (ordinary pool allocations, always counted); pocketfft on the host
-allocates a c2r buffer of the input's size with ``malloc`` (counted when ``library_buffers``;
-invisible to tracemalloc). On GPUs two more terms come from the calibration: the work areas
-of the cuFFT plans CuPy keeps cached (measured per FFT side as the plan cache's size, added by
-the planner), and ``memory_factor`` (default 1.0; on a GPU, the CuPy pool's high-water mark over
-the model in two box-128 runs) for the pool's rounding and fragmentation. CUDA context memory
-is outside both; `free_memory` leaves a margin. For scale, the H200 benchmark recorded pool
-peaks of 8.9 GB (box 256) and 32.0 GB (box 400) for whole commands (back-projection and cached
-FFT plans included), where the replay of the sums-to-map step gives 3.0 and 11.4 GB.
+Single-device path (`gridding.reconstruct_map`): `memory_estimate` replays, allocation by
+allocation, what the implementation holds: the centred input sums, the decentred weights, |k|^2
+and mask temporaries, the gridding loop (fused CuPy kernels, or the NumPy loop with its blob and
+temporaries), the window and final inverse on the Q grid, the mask and grid correction. NumPy's
+temporary elision is followed on the host; CuPy allocates a new array for every operation. CuPy
+copies the input of every c2r transform (counted); pocketfft's c2r buffer on the host is counted
+when ``library_buffers`` (tracemalloc does not see it). Checked against tracemalloc on the host
+within 5% (tests).
 
-Checked against tracemalloc on the host (NumPy arrays are traced; inputs added; pocketfft's
-buffers left out): model / measured peak 0.989-1.000 over 42 runs of boxes 32-64 (P 51-131,
-r_max 12 to Nyquist), float32 and float64, both paths, G = 1-4 simulated devices, dense and
-packed, contiguous and strided slabs, an inexact FFT side, the MAP term and the no-gridding
-branch (e.g. box 48, 2 devices, packed: 29.08 MB modelled, 29.09 MB traced; the test suite
-repeats nine of them). On GPUs the model has not been checked against a run yet.
+Packed path (`columns.reconstruct_packed`): the closed form `columns.column_memory` (per device:
+packed arrays, column buffer, index tables, the largest chunk temporaries, and the dense input
+sums while device 0 packs them).
+
+On GPUs the planner adds the work areas of the cuFFT plans CuPy keeps cached (measured per FFT
+side) and the calibration's measured excess of the CuPy pool over the model (dense: a factor;
+packed: bytes). CUDA context memory is outside both; `free_memory` leaves a margin.
 """
 
 from __future__ import annotations
@@ -129,8 +121,7 @@ def _disc_columns(size: int, r2_max: int) -> int:
 class _Replay:
     """Walks through one run of the sums-to-map step, recording every array it allocates.
 
-    Each method follows one function of `reconstruct.gridding` / `reconstruct.distributed` /
-    `reconstruct.slab_fft` / `compress.sphere` statement by statement; a comment names what an
+    Each method follows one function of `reconstruct.gridding` statement by statement; a comment names what an
     allocation is when the code line alone does not say it.
     """
 
