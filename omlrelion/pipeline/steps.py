@@ -29,7 +29,7 @@ from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
 from omlrelion.reconstruct.autotune import plan_for
-from omlrelion.reconstruct.columns import ColumnEngine, reconstruct_packed
+from omlrelion.reconstruct.columns import ColumnEngine, dense_float32_bytes, reconstruct_packed
 from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
@@ -253,6 +253,7 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
         "device": {"spec": (f"cpu:{len(devices)}" if len(devices) > 1 else "cpu") if device.gpu is None
                    else "gpu:" + ",".join(str(d.gpu) for d in devices), "name": device.name},
         "plan": {**plan.to_dict(), "description": plan.describe()},
+        "dense_float32_bytes": dense_float32_bytes(grid),     # what the straightforward one-device step would hold
         "peak_memory": memory,
         "host": platform.node(), "python": sys.version.split()[0],
         "timings_s": timings,

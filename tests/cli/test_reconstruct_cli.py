@@ -143,3 +143,19 @@ def test_stack_box_differs_from_the_optics_group(small_set, capsys):
     starfile.write(blocks, small_set / "particles.star", overwrite=True)
     _expect_error(capsys, small_set, ["reconstruct", "--i", str(small_set / "particles.star"),
                                       "--o", str(small_set / "m.mrc")], "particles.mrcs", "62 px")
+
+
+def test_packed_plan_on_simulated_devices_gives_the_dense_map_and_names_its_plan(small_set, capsys):
+    """--device cpu:3 runs the packed column engine (the default on several devices): same map as one
+    device, and the summary names the plan and the dense float32 footprint."""
+    star = str(small_set / "particles.star")
+    assert run(["reconstruct", "--i", star, "--o", str(small_set / "one.mrc"), "--ctf", "--quiet"]) == 0
+    assert run(["reconstruct", "--i", star, "--o", str(small_set / "three.mrc"), "--ctf", "--quiet",
+                "--device", "cpu:3", "--strided", "--json", str(small_set / "three.json")]) == 0
+    one = mrcfile.read(small_set / "one.mrc").astype(np.float64)
+    three = mrcfile.read(small_set / "three.mrc").astype(np.float64)
+    assert np.linalg.norm(three - one) / np.linalg.norm(one) <= 1e-6          # float32 files of float64 maps
+    summary = json.loads((small_set / "three.json").read_text())
+    assert summary["plan"]["storage"] == "packed" and summary["plan"]["n_devices"] == 3
+    assert summary["plan"]["description"] == "3 devices, packed, strided, fft 131"
+    assert summary["dense_float32_bytes"] == 131 * 131 * 66 * 24 + 131**3 * 4
