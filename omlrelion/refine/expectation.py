@@ -1,0 +1,129 @@
+"""The expectation step on a batch of particles (spec `relion-refinement.md`, 3.4-3.8), one pass.
+
+For particles b, orientations r and trial shifts t (RELION's half-transform pixels k of the current
+window, noise weights w(k) = 1/sigma2(shell), zero at DC and on the redundant kx = 0, ky < 0 half):
+
+    D2[b, t, r] = sum_k w/2 |CTF_b P_r - X_b phi_t|^2
+                = A[b, r] + B[b] - Re( M[b, t, :] @ P[r, :] )
+
+with A = (w CTF^2 / 2) @ |P|^2, B = sum_k w |X|^2 / 2, M = w CTF conj(X phi_t) and
+phi_t(k) = exp(-2 pi i k.t / N): two matrix products (projections x particle-shifts), the form
+that runs at the GPU's GEMM rate. Then the offset prior, the weights exp(-(D2 - min) + log prior),
+the significant set (sorted weights up to `adaptive_fraction` of their sum: RELION's threshold),
+and per particle the best hidden point, its posterior Pmax and the number of significant
+samples. Arrays are NumPy or CuPy alike (one code path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from omlrelion.backend import get_xp, to_numpy
+from omlrelion.geometry.grids import rfft_freqs, signed_freqs
+
+
+@dataclass(frozen=True)
+class HalfPlanePixels:
+    """The pixels of a side-n half transform (corner layout) that enter the likelihood.
+
+    index : flat positions into (n, n//2+1); kx, ky : their frequencies; shell : round(|k|).
+    Kept: 0 < |k| < n/2 + 1, not (kx = 0 and ky < 0). DC is dropped here (RELION gives it w = 0).
+    """
+
+    n: int
+    index: np.ndarray
+    kx: np.ndarray
+    ky: np.ndarray
+    shell: np.ndarray
+
+    @classmethod
+    def of(cls, n: int) -> HalfPlanePixels:
+        ky = signed_freqs(n, np).astype(np.int64)[:, None] * np.ones((1, n // 2 + 1), np.int64)
+        kx = rfft_freqs(n, np).astype(np.int64)[None, :] * np.ones((n, 1), np.int64)
+        r = np.sqrt(kx**2 + ky**2)
+        keep = (r > 0) & (r < n / 2 + 1) & ~((kx == 0) & (ky < 0))
+        return cls(n, np.flatnonzero(keep), kx[keep], ky[keep], np.rint(r[keep]).astype(np.int64))
+
+
+def squared_differences(projections, images, ctf, noise_weight, shifts_px, pixels: HalfPlanePixels, *,
+                        box_size: int):
+    """D2[b, t, r] for images (B, n, n//2+1), projections (R, n, n//2+1), ctf (B, n, n//2+1) real,
+    noise_weight (K,) = 1/sigma2 on `pixels`, shifts_px (T, 2) x, y in pixels of the box N."""
+    xp = get_xp(images)
+    idx = xp.asarray(pixels.index)
+    real = images.real.dtype
+    p = projections.reshape(len(projections), -1)[:, idx]                   # (R, K)
+    x = images.reshape(len(images), -1)[:, idx]                             # (B, K)
+    c = ctf.reshape(len(ctf), -1)[:, idx].astype(real)                      # (B, K)
+    w = xp.asarray(noise_weight, dtype=real)
+    a = (0.5 * w * c * c) @ (p.real**2 + p.imag**2).T                       # (B, R)
+    b = (0.5 * w * (x.real**2 + x.imag**2)).sum(axis=1)                     # (B,)
+    kx, ky = xp.asarray(pixels.kx, dtype=real), xp.asarray(pixels.ky, dtype=real)
+    t = xp.asarray(shifts_px, dtype=real)
+    arg = (2 * math.pi / box_size) * (t[:, 0, None] * kx[None] + t[:, 1, None] * ky[None])   # (T, K)
+    conj_phi = (xp.cos(arg) + 1j * xp.sin(arg)).astype(images.dtype)      # conj(exp(-i arg))
+    m = (w * c * xp.conj(x))[:, None, :] * conj_phi[None]                  # (B, T, K)
+    cross = (m.reshape(-1, m.shape[-1]) @ p.T).real.reshape(len(x), len(t), len(p))
+    return a[:, None, :] + b[:, None, None] - cross
+
+
+def offset_log_prior(old_offsets_px, shifts_px, *, angpix: float, sigma_offset_A: float, xp=np):
+    """log pi_t[b, t] = -|o_b + t|^2 apix^2 / (2 sigma_offset^2) (prior centred on the box centre)."""
+    o = xp.asarray(old_offsets_px, dtype=np.float64)[:, None, :] + xp.asarray(shifts_px, dtype=np.float64)[None]
+    return -(o**2).sum(axis=-1) * angpix**2 / (2 * sigma_offset_A**2)
+
+
+def significant_threshold(weights, fraction: float = 0.999):
+    """Per row of `weights` (B, H): the smallest weight among the largest ones summing past
+    `fraction` of the row sum (RELION's adaptive significance threshold)."""
+    xp = get_xp(weights)
+    s = -xp.sort(-weights, axis=1)
+    csum = xp.cumsum(s, axis=1)
+    k = (csum < fraction * csum[:, -1:]).sum(axis=1)                        # first position past the fraction
+    k = xp.minimum(k, weights.shape[1] - 1)
+    return xp.take_along_axis(s, k[:, None], axis=1)[:, 0]
+
+
+@dataclass
+class EStepResult:
+    """Per particle: best orientation and shift indices, Pmax, significant samples, posteriors."""
+
+    best_orientation: np.ndarray
+    best_shift: np.ndarray
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    posterior: object                # (B, T, R) on the arrays' device, zero below the threshold
+
+
+def expectation(projections, images, ctf, noise_weight, shifts_px, pixels: HalfPlanePixels, *, box_size: int,
+                log_prior=None, adaptive_fraction: float = 0.999) -> EStepResult:
+    """One pass of the E-step for a batch: D2, weights with the prior, significance, best point.
+
+    log_prior : optional (B, T, R) or broadcastable (e.g. `offset_log_prior(...)[:, :, None]`).
+    """
+    xp = get_xp(images)
+    d2 = squared_differences(projections, images, ctf, noise_weight, shifts_px, pixels, box_size=box_size)
+    bsz, nt, nr = d2.shape
+    logw = -(d2 - d2.reshape(bsz, -1).min(axis=1)[:, None, None])
+    if log_prior is not None:
+        logw = logw + xp.asarray(log_prior, dtype=logw.dtype)
+    logw -= logw.reshape(bsz, -1).max(axis=1)[:, None, None]
+    w = xp.where(logw > -88.0 if logw.dtype == np.float32 else logw > -700.0, xp.exp(logw), 0.0)
+    flat = w.reshape(bsz, -1)
+    total = flat.sum(axis=1)
+    if not bool(xp.all(xp.isfinite(total) & (total > 0))):
+        raise FloatingPointError("E-step: a particle's weights sum to zero or are not finite")
+    theta = significant_threshold(flat, adaptive_fraction)
+    keep = flat >= theta[:, None]
+    post = xp.where(keep, flat / total[:, None], 0.0).reshape(bsz, nt, nr)
+    best = xp.argmax(flat, axis=1)
+    return EStepResult(best_orientation=to_numpy(best % nr), best_shift=to_numpy(best // nr),
+                       pmax=to_numpy(flat.max(axis=1) / total), n_significant=to_numpy(keep.sum(axis=1)),
+                       posterior=post)
+
+
+__all__ = ["EStepResult", "HalfPlanePixels", "expectation", "offset_log_prior", "significant_threshold",
+           "squared_differences"]

@@ -1,0 +1,178 @@
+"""Orientation and translation sampling of RELION's refinement (spec `relion-refinement.md`, 6).
+
+Directions: the centres of the HEALPix pixels of order o (Nside = 2^o, 12 Nside^2 pixels) in the
+NESTED scheme, rot = phi and tilt = theta in degrees, rot wrapped into [-180, 180]. Psi: n_psi =
+ceil(360 / step) angles j 360 / n_psi with step = 360 / (6 Nside). Translations: a disc of grid
+points of spacing `step` within radius `range`. Oversampling by `ov`: a direction's 4^ov NESTED
+children at order o + ov, psi +- step / 4 (ov = 1), shifts +- step / 4 in x and y.
+
+Symmetry: for Cn and Dn the directions are reduced to RELION's asymmetric unit (-180/n <= rot <=
+180/n; Dn also tilt <= 90). RELION's seam clean-up (directions closer than half a pixel radius to
+a symmetry mate of a kept one) is not applied, so a few seam directions may stay that RELION
+drops. Other point groups are refused with a message naming them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from omlrelion.errors import InputError
+
+_JRLL = np.array([2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4], dtype=np.int64)
+_JPLL = np.array([1, 3, 5, 7, 0, 2, 4, 6, 1, 3, 5, 7], dtype=np.int64)
+
+
+def _compress_bits(v: np.ndarray) -> np.ndarray:
+    """The even bits of v, packed (the x coordinate of a NESTED in-face index)."""
+    out = np.zeros_like(v)
+    bit = 0
+    v = v.copy()
+    while np.any(v):
+        out |= (v & 1) << bit
+        v >>= 2
+        bit += 1
+    return out
+
+
+def pix2ang_nest(nside: int, ipix) -> tuple[np.ndarray, np.ndarray]:
+    """(theta, phi) in radians of the centres of NESTED pixels `ipix` (HEALPix's nest2xyf + xyf2loc)."""
+    ipix = np.asarray(ipix, dtype=np.int64)
+    npface = nside * nside
+    face, ipf = ipix // npface, ipix % npface
+    ix, iy = _compress_bits(ipf), _compress_bits(ipf >> 1)
+    nl4 = 4 * nside
+    npix = 12 * npface
+    fact2 = 4.0 / npix
+    fact1 = 2 * nside * fact2
+    jr = _JRLL[face] * nside - ix - iy - 1
+    north, south = jr < nside, jr > 3 * nside
+    nr = np.where(north, jr, np.where(south, nl4 - jr, nside))
+    z = np.where(north, 1 - nr * nr * fact2, np.where(south, nr * nr * fact2 - 1, (2 * nside - jr) * fact1))
+    kshift = np.where(north | south, 0, (jr - nside) & 1)
+    jp = (_JPLL[face] * nr + ix - iy + 1 + kshift) // 2
+    jp = np.where(jp > nl4, jp - nl4, jp)
+    jp = np.where(jp < 1, jp + nl4, jp)
+    phi = (jp - (kshift + 1) * 0.5) * (np.pi / 2 / nr)
+    return np.arccos(np.clip(z, -1, 1)), phi
+
+
+def pix2ang_ring(nside: int, ipix) -> tuple[np.ndarray, np.ndarray]:
+    """(theta, phi) of RING-scheme pixels: an independent enumeration of the same centres (tests)."""
+    ipix = np.asarray(ipix, dtype=np.int64)
+    npix, ncap = 12 * nside * nside, 2 * nside * (nside - 1)
+    theta, phi = np.empty(ipix.shape), np.empty(ipix.shape)
+    north = ipix < ncap
+    south = ipix >= npix - ncap
+    eq = ~(north | south)
+    p = ipix[north]
+    iring = (1 + np.sqrt(1 + 2 * p).astype(np.int64)) // 2
+    iring = np.where(2 * iring * (iring - 1) > p, iring - 1, iring)       # guard float rounding
+    iring = np.where(2 * (iring + 1) * iring <= p, iring + 1, iring)
+    iphi = p - 2 * iring * (iring - 1)
+    theta[north] = np.arccos(1 - iring**2 / (3.0 * nside**2))
+    phi[north] = (iphi + 0.5) * np.pi / (2 * iring)
+    p = ipix[eq] - ncap
+    iring = p // (4 * nside) + nside
+    iphi = p % (4 * nside)
+    fodd = np.where((iring + nside) & 1, 1.0, 0.5)
+    theta[eq] = np.arccos((2 * nside - iring) * 2.0 / (3 * nside))
+    phi[eq] = (iphi + 1 - fodd) * np.pi / (2 * nside)
+    p = npix - ipix[south]
+    iring = (1 + np.sqrt(2 * p - 1).astype(np.int64)) // 2
+    iring = np.where(2 * iring * (iring - 1) >= p, iring - 1, iring)
+    iring = np.where(2 * (iring + 1) * iring < p, iring + 1, iring)
+    iphi = 4 * iring + 1 - (p - 2 * iring * (iring - 1))
+    theta[south] = np.arccos(iring**2 / (3.0 * nside**2) - 1)
+    phi[south] = (iphi - 0.5) * np.pi / (2 * iring)
+    return theta, phi
+
+
+def healpix_directions(order: int) -> np.ndarray:
+    """(12 4^order, 2) rot, tilt in degrees of the NESTED pixel centres, RELION's wrapping."""
+    if not 0 <= int(order) <= 10:
+        raise InputError(f"HEALPix order {order}: expected 0 .. 10")
+    nside = 2 ** int(order)
+    theta, phi = pix2ang_nest(nside, np.arange(12 * nside * nside))
+    rot, tilt = np.degrees(phi), np.degrees(theta)
+    rot = np.where(rot > 180, rot - 360, rot)
+    return np.stack([rot, tilt], axis=1)
+
+
+def angular_step(order: int) -> float:
+    """RELION's nominal angular step of a HEALPix order, degrees: 360 / (6 Nside)."""
+    return 360.0 / (6 * 2 ** int(order))
+
+
+def psi_angles(order: int) -> np.ndarray:
+    """The psi list of an order: j 360 / n_psi, n_psi = ceil(360 / step)."""
+    n_psi = int(np.ceil(360.0 / angular_step(order) - 1e-9))
+    return np.arange(n_psi) * (360.0 / n_psi)
+
+
+def asymmetric_unit(directions: np.ndarray, symmetry: str) -> np.ndarray:
+    """Boolean mask of the (rot, tilt) directions in RELION's asymmetric unit of C1, Cn or Dn."""
+    sym = symmetry.strip().upper()
+    rot, tilt = directions[:, 0], directions[:, 1]
+    if sym == "C1":
+        return np.ones(len(directions), bool)
+    kind, digits = sym[:1], sym[1:]
+    if kind in ("C", "D") and digits.isdigit() and int(digits) >= 1:
+        n = int(digits)
+        keep = (rot >= -180.0 / n) & (rot <= 180.0 / n)
+        return keep & (tilt <= 90.0) if kind == "D" else keep
+    raise InputError(f"symmetry {symmetry!r}: orientation sampling handles C1, Cn and Dn so far; "
+                     "refine with a C or D group, or relax the symmetry to C1")
+
+
+def translations(range_px: float, step_px: float) -> np.ndarray:
+    """(m, 2) x, y offsets of the disc x^2 + y^2 <= range^2 on a grid of `step` (RELION's rule)."""
+    if step_px <= 0 or range_px < 0:
+        raise InputError(f"offset range {range_px} and step {step_px}: expected range >= 0 and step > 0")
+    m = int(np.ceil(range_px / step_px - 1e-9))
+    i = np.arange(-m, m + 1)
+    x, y = np.meshgrid(i * step_px, i * step_px, indexing="xy")
+    keep = x**2 + y**2 <= range_px**2 + 0.001
+    return np.stack([x[keep], y[keep]], axis=1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The coarse hidden-variable grid of one iteration: directions x psi x translations."""
+
+    order: int
+    offset_range_px: float
+    offset_step_px: float
+    symmetry: str = "C1"
+
+    @property
+    def directions(self) -> np.ndarray:
+        d = healpix_directions(self.order)
+        return d[asymmetric_unit(d, self.symmetry)]
+
+    @property
+    def psi(self) -> np.ndarray:
+        return psi_angles(self.order)
+
+    @property
+    def shifts(self) -> np.ndarray:
+        return translations(self.offset_range_px, self.offset_step_px)
+
+    def eulers(self) -> np.ndarray:
+        """(n_dir n_psi, 3) rot, tilt, psi; psi varies fastest (RELION's orientation order)."""
+        d, p = self.directions, self.psi
+        return np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))])
+
+
+def oversampled_directions(order: int, ipix, ov: int = 1) -> np.ndarray:
+    """(len(ipix), 4^ov, 2) rot, tilt of the NESTED children at order + ov of coarse pixels `ipix`."""
+    ipix = np.asarray(ipix, dtype=np.int64)
+    children = ipix[:, None] * 4**ov + np.arange(4**ov)[None, :]
+    theta, phi = pix2ang_nest(2 ** (order + ov), children)
+    rot = np.degrees(phi)
+    return np.stack([np.where(rot > 180, rot - 360, rot), np.degrees(theta)], axis=-1)
+
+
+__all__ = ["Sampling", "angular_step", "asymmetric_unit", "healpix_directions", "oversampled_directions",
+           "pix2ang_nest", "pix2ang_ring", "psi_angles", "translations"]
