@@ -52,14 +52,13 @@ from omlrelion.io import h5
 from omlrelion.io.mrc import ImageStack, read_map, write_map
 from omlrelion.io.star import read_particles, write_particles, write_star
 from omlrelion.pipeline.simulate import SimulateParams, simulate
-from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
+from omlrelion.reconstruct.fsc import MINRES_MAP, fsc, fsc_from_sums, resolution_at, resolution_shell, tau2_from_fsc
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
 from omlrelion.units import r_max_for_resolution, relion_round
 
 log = logging.getLogger(__name__)
 
-MINRES_MAP = 5  # RELION's --minres_map: no MAP term and no resolution below this shell
 BATCH = 256
 _GPU_LOCKS: list = []
 
@@ -412,57 +411,6 @@ def merge_sums(shard_paths, out_sums, *, half: int, iteration: int, opts: dict) 
              "config_hash": h5.config_hash({**opts, "shards": first["config_hash"]})}
     h5.write_sums(out_sums, data, weight, attrs=attrs, compression=_compression(opts["compression"]))
     return attrs
-
-
-def fsc_from_sums(data1, weight1, data2, weight2, *, grid: PaddedGrid) -> np.ndarray:
-    """RELION's gold-standard FSC of two halves' sums (calculateDownSampledFourierShellCorrelation).
-
-    Each padded voxel goes to the cell round(k / pad) of the unpadded grid; cell average =
-    sum(data) / sum(weight); FSC over cells with |k| <= r_max, shell round(|k|); FSC[0] = 1 and
-    shells beyond r_max are 0. Returns (box_size//2 + 1,) float64.
-    """
-    c, half, r = grid.size // 2, grid.half, grid.r_max
-    k = relion_round(np.arange(-c, c + 1) / grid.pad)
-    kx = relion_round(np.arange(half) / grid.pad)
-    down, dh = 2 * (r + 1) + 1, r + 2
-    cell = (((k[:, None, None] + r + 1) * down + (k[None, :, None] + r + 1)) * dh + kx[None, None, :]).ravel()
-    size = down * down * dh
-
-    def average(data, weight):
-        s = np.bincount(cell, weights=data.real.ravel(), minlength=size) \
-            + 1j * np.bincount(cell, weights=data.imag.ravel(), minlength=size)
-        w = np.bincount(cell, weights=weight.ravel().astype(np.float64), minlength=size)
-        return np.where(w > 0, s / np.where(w > 0, w, 1.0), 0.0)
-
-    a1, a2 = average(data1, weight1), average(data2, weight2)
-    g = np.arange(-(r + 1), r + 2)
-    radius = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + np.arange(dh)[None, None, :] ** 2).ravel()
-    keep = radius <= r
-    shell = relion_round(radius[keep])
-    n_shells = grid.box_size // 2 + 1
-    num = np.bincount(shell, weights=(a1[keep] * np.conj(a2[keep])).real, minlength=n_shells)[:n_shells]
-    d1 = np.bincount(shell, weights=np.abs(a1[keep]) ** 2, minlength=n_shells)[:n_shells]
-    d2 = np.bincount(shell, weights=np.abs(a2[keep]) ** 2, minlength=n_shells)[:n_shells]
-    curve = np.where(d1 * d2 > 0, num / np.sqrt(np.where(d1 * d2 > 0, d1 * d2, 1.0)), 0.0)
-    curve[0] = 1.0
-    return curve
-
-
-def resolution_shell(curve, *, fudge: float = 1.0) -> int:
-    """RELION's r*: last shell with SSNR >= 1 before the first below (jumping to a later shell > r*+3
-    that still has SSNR > 1), at least MINRES_MAP."""
-    f = np.clip(np.asarray(curve, dtype=np.float64), 0.001, 0.999)
-    ssnr = fudge * f / (1 - f)
-    r = 0
-    for s in range(1, len(ssnr)):
-        if ssnr[s] < 1:
-            break
-        r = s
-    for s in range(len(ssnr) - 1, r + 3, -1):
-        if ssnr[s] > 1:
-            r = s
-            break
-    return max(r, MINRES_MAP)
 
 
 def _first_below(curve, threshold: float) -> int:

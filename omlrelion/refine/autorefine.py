@@ -1,0 +1,179 @@
+"""A gold-standard refinement loop on particle images in memory (a first, reduced auto-refine).
+
+Per iteration and half set: the projector of the half's map at the current r_max, the one-pass
+E-step over the whole (symmetry-free) HEALPix grid of a fixed order and a disc of trial shifts
+around the box centre, the posterior-weighted back-projection with 1/sigma2 weights, and the
+noise and offset updates; then the halves' FSC from their sums, tau2 from that FSC, and each
+half's MAP reconstruction (`reconstruct_map`, no gridding, RELION's refine default). The next
+r_max is RELION's: the last shell with FSC >= 0.5 plus `incr_size`.
+
+What this loop does not do yet (spec `relion-refinement.md`): the oversampled second pass and its
+coarse image size, the random perturbation, local searches and the sampling schedule (5.5),
+accuracy estimates and convergence (5.4, 5.6, 5.7), the final joined iteration, masked images,
+solvent flattening, norm and scale corrections, re-centring on the previous offsets, symmetry,
+and the RELION-named output files. It is the engine those steps will drive.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from omlrelion.backend import Device, to_numpy
+from omlrelion.ctf.ctf import CtfParams, ctf_2d
+from omlrelion.ctf.optics import Optics
+from omlrelion.fourier.layout import rfft2_centred
+from omlrelion.fourier.projector import extract_slices, volume_to_ftc
+from omlrelion.fourier.symmetrise import hermitian_repair
+from omlrelion.geometry.euler import euler_to_matrix
+from omlrelion.geometry.grids import PaddedGrid, signed_freqs
+from omlrelion.reconstruct.fsc import MINRES_MAP, fsc_from_sums, resolution_shell, tau2_from_fsc
+from omlrelion.reconstruct.gridding import reconstruct_map
+from omlrelion.refine.expectation import HalfPlanePixels, expectation, offset_log_prior
+from omlrelion.refine.maximization import accumulate, shell_index, update_sigma2, update_sigma_offset
+from omlrelion.refine.sampling import Sampling
+from omlrelion.units import relion_round
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineOptions:
+    healpix_order: int = 2
+    offset_range_px: float = 6.0
+    offset_step_px: float = 2.0
+    pad: float = 2.0
+    ini_high_A: float = 60.0
+    incr_size: int = 10
+    n_iter: int = 5
+    sigma_offset_A: float = 10.0
+    adaptive_fraction: float = 0.999
+    batch: int = 64
+
+
+@dataclass
+class RefineState:
+    """What the loop carries between iterations (per half where a list of two)."""
+
+    maps: list
+    sigma2: list
+    sigma_offset_A: list
+    r_star: int
+    eulers: np.ndarray                  # (M, 3) best rot, tilt, psi of every particle
+    shifts_px: np.ndarray               # (M, 2) best origin offsets
+    pmax: np.ndarray
+    history: list = field(default_factory=list)
+
+
+def window_2d(a_ft, c: int):
+    """(..., N, N//2+1) corner-layout transforms -> the frequencies of a side-c window."""
+    n = a_ft.shape[-2]
+    k = signed_freqs(c, np)
+    rows = np.where(k < 0, k + n, k)
+    return a_ft[..., rows, :c // 2 + 1]
+
+
+def initial_sigma2(images_ft) -> np.ndarray:
+    """Per-shell noise power (spec 5.9): mean |F|^2 / 2 - |mean F|^2 / 2 (negative values: previous shell)."""
+    n = images_ft.shape[-2]
+    shells = shell_index(n).ravel()
+    n_shells = n // 2 + 1
+    keep = shells < n_shells
+    power = np.mean(np.abs(images_ft) ** 2, axis=0).ravel()
+    mean_power = np.abs(images_ft.mean(axis=0)).ravel() ** 2
+    count = np.bincount(shells[keep], minlength=n_shells)
+    s = (np.bincount(shells[keep], weights=power[keep], minlength=n_shells)
+         - np.bincount(shells[keep], weights=mean_power[keep], minlength=n_shells)) / (2 * np.maximum(count, 1))
+    for r in range(len(s)):
+        if s[r] <= 0:
+            s[r] = s[r - 1] if r > 0 else s[s > 0].min()
+    return s
+
+
+def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
+    """Zero the map's Fourier components beyond `resolution_A` (sharp cut, as RELION's ini_high)."""
+    n = volume.shape[0]
+    f = np.fft.rfftn(volume)
+    k = np.fft.fftfreq(n) * n
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2)
+    f[r > n * angpix / resolution_A] = 0
+    return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
+
+
+def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
+           device: Device = Device(), state: RefineState | None = None) -> RefineState:
+    """Run `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}."""
+    images = np.asarray(images)
+    m, n = images.shape[0], images.shape[-1]
+    halves = np.asarray(halves)
+    xp = device.xp
+    real = np.float64 if device.gpu is None else np.float32
+    cplx = np.result_type(real, np.complex64)
+    sampling = Sampling(opts.healpix_order, opts.offset_range_px, opts.offset_step_px)
+    eulers, shifts = sampling.eulers(), sampling.shifts
+    rotations = euler_to_matrix(eulers)
+    images_ft = rfft2_centred(images.astype(np.float64))
+    ctf_full = ctf_2d(optics, ctf, dtype=np.float64)
+    if state is None:
+        start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=optics.angpix,
+                         resolution_A=opts.ini_high_A)
+        sigma2 = [initial_sigma2(images_ft[halves == h]) for h in (1, 2)]
+        state = RefineState(maps=[start, start.copy()], sigma2=sigma2,
+                            sigma_offset_A=[opts.sigma_offset_A] * 2,
+                            r_star=relion_round(n * optics.angpix / opts.ini_high_A),
+                            eulers=np.zeros((m, 3)), shifts_px=np.zeros((m, 2)), pmax=np.zeros(m))
+    for _ in range(opts.n_iter):
+        r_max = min(n // 2, state.r_star + opts.incr_size)
+        c = min(n, 2 * r_max)
+        grid = PaddedGrid(n, opts.pad, r_max)
+        pix = HalfPlanePixels.of(c)
+        shells_c = shell_index(c)
+        sums, stats = [], []
+        for h in (1, 2):
+            idx = np.flatnonzero(halves == h)
+            sig = state.sigma2[h - 1]
+            inv = 1.0 / sig[np.minimum(shells_c, len(sig) - 1)]
+            with device.use():
+                vft = xp.asarray(volume_to_ftc(state.maps[h - 1], pad=opts.pad, r_max=r_max).astype(cplx))
+                proj = extract_slices(vft, xp.asarray(rotations), box_size=c, pad=opts.pad, r_padded=grid.r_padded)
+                data = xp.zeros(grid.shape, dtype=cplx)
+                weight = xp.zeros(grid.shape, dtype=real)
+                noise_w = xp.asarray(inv.ravel()[pix.index], dtype=real)
+                inv_d = xp.asarray(inv, dtype=real)
+                batch_stats = []
+                for start_i in range(0, len(idx), opts.batch):
+                    sel = idx[start_i:start_i + opts.batch]
+                    x = xp.asarray(window_2d(images_ft[sel], c).astype(cplx))
+                    ct = xp.asarray(window_2d(ctf_full[sel], c).astype(real))
+                    prior = offset_log_prior(np.zeros((len(sel), 2)), shifts, angpix=optics.angpix,
+                                             sigma_offset_A=state.sigma_offset_A[h - 1], xp=xp)[:, :, None]
+                    e = expectation(proj, x, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
+                                    adaptive_fraction=opts.adaptive_fraction)
+                    state.eulers[sel] = eulers[e.best_orientation]
+                    state.shifts_px[sel] = shifts[e.best_shift]
+                    state.pmax[sel] = e.pmax
+                    batch_stats.append(accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, shifts,
+                                                  box_size=n, pad=opts.pad, r_padded=grid.r_padded,
+                                                  projections=proj, angpix=optics.angpix))
+                hermitian_repair(data, weight)
+                sums.append((to_numpy(data).astype(np.complex128), to_numpy(weight).astype(np.float64)))
+            stats.append(batch_stats)
+        curve = fsc_from_sums(sums[0][0], sums[0][1], sums[1][0], sums[1][1], grid=grid)
+        for h in (1, 2):
+            data, weight = sums[h - 1]
+            tau2, _, _ = tau2_from_fsc(weight, curve, grid=grid, whole_data=False)
+            state.maps[h - 1] = reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
+                                                skip_gridding=True, tau2=tau2, minres_map=MINRES_MAP)
+            state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
+            state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
+        state.r_star = resolution_shell(curve)
+        state.history.append({"r_max": r_max, "current_size": c, "fsc": curve.tolist(), "r_star": state.r_star,
+                              "resolution_A": n * optics.angpix / state.r_star, "ave_pmax": float(state.pmax.mean())})
+        log.info("refine iteration %d: r_max %d, resolution %.2f A, <Pmax> %.3f", len(state.history), r_max,
+                 n * optics.angpix / state.r_star, state.pmax.mean())
+    return state
+
+
+__all__ = ["RefineOptions", "RefineState", "initial_sigma2", "low_pass", "refine", "window_2d"]
