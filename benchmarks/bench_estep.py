@@ -24,7 +24,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     from omlrelion.backend import parse_device
-    from omlrelion.geometry.euler import euler_to_matrix
     from omlrelion.refine.expectation import HalfPlanePixels, squared_differences
     from omlrelion.refine.sampling import Sampling
 

@@ -68,7 +68,11 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
     from omlrelion.backend import Device
     from omlrelion.geometry.grids import PaddedGrid
     from omlrelion.reconstruct.autotune import Plan, choose_plan, memory_estimate
-    from omlrelion.reconstruct.columns import ColumnEngine, dense_float32_bytes, reconstruct_packed
+    from omlrelion.reconstruct.columns import (
+        ColumnEngine,
+        dense_float32_bytes,
+        reconstruct_packed,
+    )
     from omlrelion.reconstruct.plan import free_memory
 
     devices = [Device(i) for i in range(n_gpus)]
@@ -97,7 +101,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
         from omlrelion.reconstruct.gridding import reconstruct_map
 
         data, weight = _random_sums(grid, devices[0], np.float32, seed=box)
-        run = lambda: reconstruct_map(data, weight, box_size=box, r_max=grid.r_max, n_iter=n_iter,  # noqa: E731
+        run = lambda: reconstruct_map(data, weight, box_size=box, r_max=grid.r_max, n_iter=n_iter,
                                       timings=timings,
                                       fft_size=None if plan.fft_size == grid.size else plan.fft_size)
     else:
@@ -105,7 +109,7 @@ def run_case(box: int, n_gpus: int, *, limit_bytes: int | None, allow_inexact: b
                               convolution=plan.convolution)
         engine.memory_trace = []
         fw, data = _random_packed(engine, seed=box)
-        run = lambda: reconstruct_packed(engine, data, fw, n_iter=n_iter, stage_data=plan.stage_data,  # noqa: E731
+        run = lambda: reconstruct_packed(engine, data, fw, n_iter=n_iter, stage_data=plan.stage_data,
                                          timings=timings)
     for d in devices:                  # the inputs' temporaries out of the pool: the peak is the step's
         with d.use():

@@ -36,7 +36,12 @@ import numpy as np
 
 from omlrelion.backend import Device, fft_module, get_xp, is_gpu_array, to_numpy
 from omlrelion.geometry.grids import PaddedGrid
-from omlrelion.reconstruct.gridding import BLOB_ALPHA, BLOB_RADIUS, add_map_term, blob_table
+from omlrelion.reconstruct.gridding import (
+    BLOB_ALPHA,
+    BLOB_RADIUS,
+    add_map_term,
+    blob_table,
+)
 from omlrelion.units import relion_round
 
 MAX_CHUNK_VOXELS = 1 << 24
@@ -491,7 +496,6 @@ class ColumnEngine:
             part = xp.stack([(c * m.astype(xp.float64)).sum(), c.sum()])
             sums[e] = part if e not in sums else sums[e] + part
             _to_host(m, volume[z0 - lo:z1 - lo])
-            return None
 
         self._plane_pass(buffers, q, flat, (lo, lo + n_box), invert)
         self._trace("final planes")
@@ -672,7 +676,7 @@ class _DirectStencil:
 
     def __init__(self, engine: ColumnEngine, real):
         part, dev = engine.parts[0], engine.devices[0]
-        xp = self.xp = dev.xp
+        self.xp = dev.xp
         self.n, self.chunk_columns, self.device, self.real = engine.n, engine.chunk_columns, dev, real
         offsets, weights = compact_stencil(engine.grid)
         reach = int(np.abs(offsets).max())
@@ -811,4 +815,4 @@ def _sync(devices) -> None:
         dev.synchronize()
 
 
-__all__ = ["ColumnLayout", "ColumnEngine", "column_memory", "dense_float32_bytes", "reconstruct_map_columns", "reconstruct_packed"]
+__all__ = ["ColumnEngine", "ColumnLayout", "column_memory", "dense_float32_bytes", "reconstruct_map_columns", "reconstruct_packed"]

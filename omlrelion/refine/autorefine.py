@@ -29,10 +29,20 @@ from omlrelion.fourier.projector import extract_slices, volume_to_ftc
 from omlrelion.fourier.symmetrise import hermitian_repair
 from omlrelion.geometry.euler import euler_to_matrix
 from omlrelion.geometry.grids import PaddedGrid, signed_freqs
-from omlrelion.reconstruct.fsc import MINRES_MAP, fsc_from_sums, resolution_shell, tau2_from_fsc
+from omlrelion.reconstruct.fsc import (
+    MINRES_MAP,
+    fsc_from_sums,
+    resolution_shell,
+    tau2_from_fsc,
+)
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.refine.expectation import HalfPlanePixels, expectation, offset_log_prior
-from omlrelion.refine.maximization import accumulate, shell_index, update_sigma2, update_sigma_offset
+from omlrelion.refine.maximization import (
+    accumulate,
+    shell_index,
+    update_sigma2,
+    update_sigma_offset,
+)
 from omlrelion.refine.sampling import Sampling
 from omlrelion.units import relion_round
 

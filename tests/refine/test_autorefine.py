@@ -22,13 +22,8 @@ def _random_rotations(rng, m):
                      np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], 1)
 
 
-def test_refinement_recovers_poses_and_a_consistent_resolution(rng):
-    """200 particles of box 32 at SNR 2 from a start low-passed to 20 A, order 2 (15 degrees), no
-    oversampling: poses within the grid's reach (the nearest grid orientation is 7.4 degrees off in
-    the median for random poses), shifts to half a pixel, and a gold-standard resolution that the
-    truth confirms (half map against truth FSC above 0.5 there, as FSC 0.5 between halves implies
-    about 0.7)."""
-    n, angpix, m = 32, 5.0, 200
+def _simulated(rng, m, *, snr: float, n: int = 32, angpix: float = 5.0):
+    """m particles of the phantom at random poses and shifts (+-1.5 px), CTF 1-3 um, noise at `snr`."""
     truth = phantom_volume(n, angpix, seed=5).astype(np.float64)
     rotations = _random_rotations(rng, m)
     shifts = rng.uniform(-1.5, 1.5, size=(m, 2))
@@ -36,8 +31,19 @@ def test_refinement_recovers_poses_and_a_consistent_resolution(rng):
     defocus = rng.uniform(10000, 30000, m)
     ctf = CtfParams(defocus, defocus, np.zeros(m), np.zeros(m), np.zeros(m), np.ones(m))
     clean = project_images(volume_to_ftc(truth, pad=2.0), rotations, shifts, optics, ctf, pad=2.0, r_padded=n)
-    images = clean + rng.normal(scale=clean.std() / np.sqrt(2.0), size=clean.shape)
+    images = clean + rng.normal(scale=clean.std() / np.sqrt(snr), size=clean.shape)
     halves = np.where(np.arange(m) % 2 == 0, 1, 2)
+    return truth, rotations, shifts, optics, ctf, images, halves
+
+
+def test_refinement_recovers_poses_and_a_consistent_resolution(rng):
+    """200 particles of box 32 at SNR 2 from a start low-passed to 20 A, order 2 (15 degrees), no
+    oversampling: poses within the grid's reach (the nearest grid orientation is 7.4 degrees off in
+    the median for random poses), shifts to half a pixel, and a gold-standard resolution that the
+    truth confirms (half map against truth FSC above 0.5 there, as FSC 0.5 between halves implies
+    about 0.7)."""
+    n = 32
+    truth, rotations, shifts, optics, ctf, images, halves = _simulated(rng, 200, snr=2.0, n=n)
     opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
                          n_iter=3, batch=50)
     state = refine(images, ctf, optics, halves, truth, opts)
@@ -57,16 +63,7 @@ def test_refinement_recovers_poses_and_a_consistent_resolution(rng):
 def test_refinement_on_gpu_finds_the_cpu_poses(rng):
     from omlrelion.backend import Device
 
-    n, angpix, m = 32, 5.0, 80
-    truth = phantom_volume(n, angpix, seed=5).astype(np.float64)
-    rotations = _random_rotations(rng, m)
-    shifts = rng.uniform(-1.5, 1.5, size=(m, 2))
-    optics = Optics(angpix=angpix, voltage_kv=300, cs_mm=2.7, amp_contrast=0.1, box_size=n)
-    defocus = rng.uniform(10000, 30000, m)
-    ctf = CtfParams(defocus, defocus, np.zeros(m), np.zeros(m), np.zeros(m), np.ones(m))
-    clean = project_images(volume_to_ftc(truth, pad=2.0), rotations, shifts, optics, ctf, pad=2.0, r_padded=n)
-    images = clean + rng.normal(scale=clean.std() / 2, size=clean.shape)
-    halves = np.where(np.arange(m) % 2 == 0, 1, 2)
+    truth, _, _, optics, ctf, images, halves = _simulated(rng, 80, snr=4.0)
     opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, n_iter=1)
     cpu = refine(images, ctf, optics, halves, truth, opts)
     gpu = refine(images, ctf, optics, halves, truth, opts, device=Device(0))

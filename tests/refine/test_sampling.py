@@ -32,7 +32,7 @@ def test_nested_centres_are_the_ring_centres(order):
     npix = 12 * nside**2
     nest = np.column_stack(pix2ang_nest(nside, np.arange(npix)))
     ring = np.column_stack(pix2ang_ring(nside, np.arange(npix)))
-    as_set = lambda a: {tuple(row) for row in np.round(a, 9)}   # noqa: E731
+    as_set = lambda a: {tuple(row) for row in np.round(a, 9)}
     assert len(as_set(nest)) == npix and as_set(nest) == as_set(ring)
 
 
