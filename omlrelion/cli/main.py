@@ -13,6 +13,7 @@ COMMANDS = {
     "reconstruct": "omlrelion.cli.reconstruct",
     "autotune": "omlrelion.cli.autotune",
     "simulate": "omlrelion.cli.simulate",
+    "refine": "omlrelion.cli.refine",
 }
 
 

@@ -55,6 +55,7 @@ from omlrelion.pipeline.simulate import SimulateParams, simulate
 from omlrelion.reconstruct.fsc import MINRES_MAP, fsc, fsc_from_sums, resolution_at, resolution_shell, tau2_from_fsc
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
+from omlrelion.refine.outputs import write_model_star
 from omlrelion.units import r_max_for_resolution, relion_round
 
 log = logging.getLogger(__name__)
@@ -464,26 +465,6 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
 
 
 # --------------------------------------------------------------------------- reconstruction
-def _model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, reference: str, curve=None) -> None:
-    import pandas as pd
-
-    box, angpix = model["box_size"], model["angpix"]
-    shells = np.arange(box // 2 + 1)
-    pad = lambda a: np.pad(np.asarray(a, float), (0, max(0, len(shells) - len(a))))[:len(shells)]  # noqa: E731
-    general = pd.DataFrame({"rlnReferenceDimensionality": [3], "rlnDataDimensionality": [2],
-                            "rlnOriginalImageSize": [box], "rlnCurrentResolution": [model["current_resolution_A"]],
-                            "rlnCurrentImageSize": [2 * model["r_max"]], "rlnPaddingFactor": [model["pad"]],
-                            "rlnPixelSize": [angpix], "rlnNrClasses": [1], "rlnTau2FudgeFactor": [fudge]})
-    classes = pd.DataFrame({"rlnReferenceImage": [reference], "rlnClassDistribution": [1.0],
-                            "rlnEstimatedResolution": [model["resolution_0143_A"]]})
-    with np.errstate(divide="ignore"):
-        table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": shells / (box * angpix),
-                              "rlnAngstromResolution": np.where(shells > 0, box * angpix / np.maximum(shells, 1), 999.0),
-                              "rlnSsnrMap": pad(ssnr), "rlnGoldStandardFsc": pad(model["fsc"] if curve is None else curve),
-                              "rlnReferenceSigma2": pad(sigma2), "rlnReferenceTau2": pad(tau2)})
-    write_star(path, {"model_general": general, "model_classes": classes, "model_class_1": table})
-
-
 def _reconstruct(data, weight, grid: PaddedGrid, opts: dict, device: Device, tau2=None):
     with device.use():
         volume = reconstruct_map(device.put(data), device.put(weight), box_size=grid.box_size, pad=grid.pad,
@@ -510,7 +491,7 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
            "elapsed_s": time.perf_counter() - t0}
     h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))
     write_map(out_mrc, volume, float(attrs["angpix"]))
-    _model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
+    write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
     return out
 
 
@@ -534,7 +515,7 @@ def reconstruct_joined(sums1, sums2, model_json, out_mrc, out_model_star, *, ite
     w1 += w2
     tau2, sigma2, ssnr = tau2_from_fsc(w1, model["fsc"], grid=grid, whole_data=True, fudge=opts["tau2_fudge"])
     write_map(out_mrc, _reconstruct(d1, w1, grid, opts, device, tau2=tau2), float(attrs["angpix"]))
-    _model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
+    write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
 
 
 # --------------------------------------------------------------------------- postprocess

@@ -74,7 +74,10 @@ class RefineState:
     eulers: np.ndarray                  # (M, 3) best rot, tilt, psi of every particle
     shifts_px: np.ndarray               # (M, 2) best origin offsets
     pmax: np.ndarray
+    n_significant: np.ndarray = None    # (M,) significant samples of each particle's last E-step
     history: list = field(default_factory=list)
+    last_sums: list = None              # the last iteration's (data, weight) per half, and its grid
+    last_grid: PaddedGrid = None
 
 
 def window_2d(a_ft, c: int):
@@ -133,7 +136,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         state = RefineState(maps=[start, start.copy()], sigma2=sigma2,
                             sigma_offset_A=[opts.sigma_offset_A] * 2,
                             r_star=relion_round(n * optics.angpix / opts.ini_high_A),
-                            eulers=np.zeros((m, 3)), shifts_px=np.zeros((m, 2)), pmax=np.zeros(m))
+                            eulers=np.zeros((m, 3)), shifts_px=np.zeros((m, 2)), pmax=np.zeros(m),
+                            n_significant=np.zeros(m, dtype=np.int64))
     for _ in range(opts.n_iter):
         r_max = min(n // 2, state.r_star + opts.incr_size)
         c = min(n, 2 * r_max)
@@ -164,6 +168,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                     state.eulers[sel] = eulers[e.best_orientation]
                     state.shifts_px[sel] = shifts[e.best_shift]
                     state.pmax[sel] = e.pmax
+                    state.n_significant[sel] = e.n_significant
                     batch_stats.append(accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, shifts,
                                                   box_size=n, pad=opts.pad, r_padded=grid.r_padded,
                                                   projections=proj, angpix=optics.angpix))
@@ -171,16 +176,20 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 sums.append((to_numpy(data).astype(np.complex128), to_numpy(weight).astype(np.float64)))
             stats.append(batch_stats)
         curve = fsc_from_sums(sums[0][0], sums[0][1], sums[1][0], sums[1][1], grid=grid)
+        spectra = []
         for h in (1, 2):
             data, weight = sums[h - 1]
-            tau2, _, _ = tau2_from_fsc(weight, curve, grid=grid, whole_data=False)
+            tau2, sigma2_ref, ssnr = tau2_from_fsc(weight, curve, grid=grid, whole_data=False)
+            spectra.append({"tau2": tau2.tolist(), "sigma2_ref": sigma2_ref.tolist(), "ssnr": ssnr.tolist()})
             state.maps[h - 1] = reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
                                                 skip_gridding=True, tau2=tau2, minres_map=MINRES_MAP)
             state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
             state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
         state.r_star = resolution_shell(curve)
+        state.last_sums, state.last_grid = sums, grid
         state.history.append({"r_max": r_max, "current_size": c, "fsc": curve.tolist(), "r_star": state.r_star,
-                              "resolution_A": n * optics.angpix / state.r_star, "ave_pmax": float(state.pmax.mean())})
+                              "resolution_A": n * optics.angpix / state.r_star, "ave_pmax": float(state.pmax.mean()),
+                              "halves": spectra})
         log.info("refine iteration %d: r_max %d, resolution %.2f A, <Pmax> %.3f", len(state.history), r_max,
                  n * optics.angpix / state.r_star, state.pmax.mean())
     return state

@@ -1,0 +1,185 @@
+"""Gold-standard 3D refinement of a particle set against a starting map (the reduced loop of
+`omlrelion.refine.autorefine`: fixed HEALPix order, one pass, no schedule; see docs/refinement.md).
+
+Writes RELION's auto-refine names: per iteration ROOT_itNNN_half{1,2}_class001.mrc, ROOT_itNNN_data.star,
+ROOT_itNNN_half{1,2}_model.star (and ROOT_itNNN_state.json to continue from); at the end
+ROOT_class001.mrc (both halves' sums joined), ROOT_half{1,2}_class001_unfil.mrc, ROOT_data.star and
+ROOT_model.star, e.g.
+  omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --ini_high 30 --iter 5 --device gpu
+  omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --iter 3 --continue Refine3D/run_it005_state.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from omlrelion.backend import parse_device
+from omlrelion.errors import InputError
+from omlrelion.io.jsonfile import write_json
+from omlrelion.io.mrc import ImageStack, read_map, write_map
+from omlrelion.io.star import read_particles, write_particles
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--i", dest="star", type=Path, required=True, help="particles STAR file (one box size)")
+    p.add_argument("--ref", type=Path, required=True, help="starting map (MRC, the particles' box and pixel size)")
+    p.add_argument("--o", dest="root", type=Path, required=True, help="output root, e.g. Refine3D/run")
+    p.add_argument("--ini_high", type=float, default=60.0, help="low-pass of the starting map in A (default 60)")
+    p.add_argument("--iter", type=int, default=5, help="iterations to run (default 5)")
+    p.add_argument("--healpix_order", type=int, default=2, help="HEALPix order of the search (default 2, 15 deg)")
+    p.add_argument("--offset_range", type=float, default=6.0, help="search range of the offsets, px (default 6)")
+    p.add_argument("--offset_step", type=float, default=2.0, help="step of the offsets, px (default 2)")
+    p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
+    p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
+    p.add_argument("--device", default="cpu", help="cpu or gpu[:ID] (default cpu)")
+    p.add_argument("--continue", dest="resume", type=Path, default=None,
+                   help="an ROOT_itNNN_state.json of an earlier run: continue after that iteration")
+
+
+def _load_images(particles) -> np.ndarray:
+    n = particles.optics[0].box_size
+    out = np.empty((particles.n_particles, n, n), dtype=np.float32)
+    for path in np.unique(particles.image_stacks):
+        sel = np.flatnonzero(particles.image_stacks == path)
+        stack = ImageStack(path)
+        if stack.box_size != n:
+            raise InputError(f"{path}: images are {stack.box_size} px but the STAR file's optics group says {n} px")
+        out[sel] = stack.read(particles.image_indices[sel])
+    return out
+
+
+def _halves(particles, seed: int) -> np.ndarray:
+    subset = particles.random_subset
+    if np.all(np.isin(subset, (1, 2))) and len(np.unique(subset)) == 2:
+        return subset.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(particles.n_particles)
+    halves = np.empty(particles.n_particles, dtype=np.int64)
+    halves[order] = np.arange(particles.n_particles) % 2 + 1
+    return halves
+
+
+def main(args: argparse.Namespace) -> dict:
+    from omlrelion.reconstruct.fsc import MINRES_MAP, tau2_from_fsc
+    from omlrelion.reconstruct.gridding import reconstruct_map
+    from omlrelion.refine.autorefine import RefineOptions, refine
+    from omlrelion.refine.outputs import write_model_star
+
+    if args.iter < 1 or args.healpix_order < 0 or args.offset_step <= 0 or args.offset_range < 0 or args.batch < 1:
+        raise InputError("--iter and --batch must be >= 1, --healpix_order >= 0, --offset_step > 0, "
+                         "--offset_range >= 0")
+    particles = read_particles(args.star, require=("rlnImageName", "rlnDefocusU"))
+    if len({(o.box_size, o.angpix) for o in particles.optics}) != 1:
+        raise InputError(f"{args.star}: optics groups differ in box or pixel size; refine one group at a time")
+    optics = particles.optics[0]
+    start, ref_angpix = read_map(args.ref)
+    if start.shape != (optics.box_size,) * 3:
+        raise InputError(f"{args.ref}: map is {start.shape[0]} px, the particles are {optics.box_size} px")
+    if abs(ref_angpix - optics.angpix) > 1e-3 * optics.angpix:
+        raise InputError(f"{args.ref}: pixel size {ref_angpix:g} A, the particles' is {optics.angpix:g} A")
+    folder = args.root.parent if str(args.root.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{args.root}: output folder {folder} does not exist")
+    device = parse_device(args.device)[0]
+    images = _load_images(particles)
+    ctf = _ctf(particles)
+    halves = _halves(particles, args.seed)
+    opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
+                         offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=1,
+                         batch=args.batch)
+    state, first = None, 1
+    if args.resume is not None:
+        state, first, halves = _resume(args.resume, particles.n_particles)
+    for it in range(first, first + args.iter):
+        state = refine(images, ctf, optics, halves, start, opts, device=device, state=state)
+        _write_iteration(args.root, it, state, particles, halves, optics, write_model_star)
+    # final: the halves' sums joined (tau2 from the full-data FSC) and the unregularised half maps
+    (d1, w1), (d2, w2) = state.last_sums
+    grid, last = state.last_grid, state.history[-1]
+    tau2, sigma2, ssnr = tau2_from_fsc(w1 + w2, last["fsc"], grid=grid, whole_data=True)
+    kwargs = dict(box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max, skip_gridding=True)
+    joined = reconstruct_map(d1 + d2, w1 + w2, tau2=tau2, minres_map=MINRES_MAP, **kwargs)
+    root = str(args.root)
+    write_map(f"{root}_class001.mrc", joined.astype(np.float32), optics.angpix)
+    for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
+        write_map(f"{root}_half{h}_class001_unfil.mrc", reconstruct_map(d, w, **kwargs).astype(np.float32),
+                  optics.angpix)
+    write_model_star(f"{root}_model.star", _model(last, optics, grid), tau2, sigma2, ssnr, fudge=1.0,
+                     reference=Path(f"{root}_class001.mrc").name)
+    _write_data(f"{root}_data.star", state, particles, halves)
+    summary = {"iterations": len(state.history), "resolution_A": last["resolution_A"],
+               "history": [{k: v for k, v in h.items() if k != "halves"} for h in state.history]}
+    print(f"omlrelion refine: {len(state.history)} iterations, resolution {last['resolution_A']:.2f} A "
+          f"(FSC 0.5 between halves), final map {root}_class001.mrc")
+    return summary
+
+
+def _ctf(particles):
+    from omlrelion.ctf.ctf import CtfParams
+
+    return CtfParams(particles.defocus_u, particles.defocus_v, particles.defocus_angle_deg,
+                     particles.phase_shift_deg, particles.ctf_bfactor, particles.ctf_scale)
+
+
+def _model(entry: dict, optics, grid) -> dict:
+    n, apix = optics.box_size, optics.angpix
+    return {"box_size": n, "angpix": apix, "pad": grid.pad, "r_max": entry["r_max"],
+            "current_resolution_A": entry["resolution_A"], "resolution_0143_A": entry["resolution_A"],
+            "fsc": entry["fsc"]}
+
+
+def _write_data(path, state, particles, halves) -> None:
+    table = particles.table.copy()
+    table["rlnMaxValueProbDistribution"] = state.pmax
+    table["rlnNrOfSignificantSamples"] = state.n_significant
+    folder = Path(path).resolve().parent
+    import os
+
+    table["rlnImageName"] = [f"{k + 1:06d}@{os.path.relpath(s, folder)}"
+                             for k, s in zip(particles.image_indices, particles.image_stacks)]
+    write_particles(path, replace(particles, table=table, eulers_deg=state.eulers.copy(),
+                                  shifts_px=state.shifts_px.copy(), random_subset=halves))
+
+
+def _write_iteration(root: Path, it: int, state, particles, halves, optics, write_model_star) -> None:
+    stem = f"{root}_it{it:03d}"
+    entry = state.history[-1]
+    for h in (1, 2):
+        write_map(f"{stem}_half{h}_class001.mrc", np.asarray(state.maps[h - 1], dtype=np.float32), optics.angpix)
+        spectra = entry["halves"][h - 1]
+        write_model_star(f"{stem}_half{h}_model.star", _model(entry, optics, state.last_grid), spectra["tau2"],
+                         spectra["sigma2_ref"], spectra["ssnr"], fudge=1.0,
+                         reference=Path(f"{stem}_half{h}_class001.mrc").name)
+    _write_data(f"{stem}_data.star", state, particles, halves)
+    write_json(Path(f"{stem}_state.json"), {
+        "iteration": it, "r_star": state.r_star, "sigma2": [s.tolist() for s in state.sigma2],
+        "sigma_offset_A": list(state.sigma_offset_A), "history": state.history,
+        "halves": halves.tolist(), "maps": [f"{Path(stem).name}_half{h}_class001.mrc" for h in (1, 2)],
+        "data": f"{Path(stem).name}_data.star"}, indent=1)
+
+
+def _resume(path: Path, n_particles: int):
+    from omlrelion.refine.autorefine import RefineState
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such state file to continue from")
+    try:
+        saved = json.loads(path.read_text())
+        maps = [read_map(path.parent / name)[0].astype(np.float64) for name in saved["maps"]]
+        data = read_particles(path.parent / saved["data"])
+        halves = np.asarray(saved["halves"], dtype=np.int64)
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{path}: not a refine state file ({exc})") from None
+    if len(halves) != n_particles or data.n_particles != n_particles:
+        raise InputError(f"{path}: it describes {len(halves)} particles, the STAR file has {n_particles}")
+    state = RefineState(maps=maps, sigma2=[np.asarray(s) for s in saved["sigma2"]],
+                        sigma_offset_A=list(saved["sigma_offset_A"]), r_star=int(saved["r_star"]),
+                        eulers=data.eulers_deg.copy(), shifts_px=data.shifts_px.copy(),
+                        pmax=np.zeros(n_particles), n_significant=np.zeros(n_particles, dtype=np.int64),
+                        history=list(saved["history"]))
+    return state, int(saved["iteration"]) + 1, halves

@@ -1,0 +1,31 @@
+"""Files of a refinement named and laid out as RELION's auto-refine writes them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from omlrelion.io.star import write_star
+
+
+def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, reference: str, curve=None) -> None:
+    """RELION's *_model.star: model_general, model_classes and the per-shell model_class_1 table.
+
+    model: box_size, angpix, pad, r_max, current_resolution_A, resolution_0143_A and fsc (per shell).
+    """
+    import pandas as pd
+
+    box, angpix = model["box_size"], model["angpix"]
+    shells = np.arange(box // 2 + 1)
+    pad = lambda a: np.pad(np.asarray(a, float), (0, max(0, len(shells) - len(a))))[:len(shells)]  # noqa: E731
+    general = pd.DataFrame({"rlnReferenceDimensionality": [3], "rlnDataDimensionality": [2],
+                            "rlnOriginalImageSize": [box], "rlnCurrentResolution": [model["current_resolution_A"]],
+                            "rlnCurrentImageSize": [2 * model["r_max"]], "rlnPaddingFactor": [model["pad"]],
+                            "rlnPixelSize": [angpix], "rlnNrClasses": [1], "rlnTau2FudgeFactor": [fudge]})
+    classes = pd.DataFrame({"rlnReferenceImage": [reference], "rlnClassDistribution": [1.0],
+                            "rlnEstimatedResolution": [model["resolution_0143_A"]]})
+    with np.errstate(divide="ignore"):
+        table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": shells / (box * angpix),
+                              "rlnAngstromResolution": np.where(shells > 0, box * angpix / np.maximum(shells, 1), 999.0),
+                              "rlnSsnrMap": pad(ssnr), "rlnGoldStandardFsc": pad(model["fsc"] if curve is None else curve),
+                              "rlnReferenceSigma2": pad(sigma2), "rlnReferenceTau2": pad(tau2)})
+    write_star(path, {"model_general": general, "model_classes": classes, "model_class_1": table})

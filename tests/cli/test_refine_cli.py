@@ -1,0 +1,68 @@
+"""omlrelion refine through its CLI: RELION-named outputs, continuation, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from omlrelion.cli.main import run
+from omlrelion.io.mrc import read_map, write_map
+from omlrelion.io.star import read_particles, read_star_table
+from omlrelion.pipeline.phantom import phantom_volume
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refine")
+    assert run(["simulate", "--map", "phantom", "--box", "32", "--angpix", "5", "--n", "120", "--snr", "2",
+                "--shift_max", "1.5", "--o", str(folder / "particles"), "--quiet"]) == 0
+    write_map(folder / "start.mrc", phantom_volume(32, 5.0, seed=0), 5.0)
+    return folder
+
+
+def _refine(folder, *extra):
+    return run(["refine", "--i", str(folder / "particles.star"), "--ref", str(folder / "start.mrc"),
+                "--o", str(folder / "out" / "run"), "--ini_high", "20", "--healpix_order", "1",
+                "--offset_range", "2", "--offset_step", "1", *extra])
+
+
+def test_refine_writes_relion_names_and_continues(dataset, capsys):
+    (dataset / "out").mkdir(exist_ok=True)
+    assert _refine(dataset, "--iter", "2") == 0
+    out = dataset / "out"
+    for it in (1, 2):
+        for h in (1, 2):
+            volume, angpix = read_map(out / f"run_it{it:03d}_half{h}_class001.mrc")
+            assert volume.shape == (32, 32, 32) and angpix == pytest.approx(5.0)
+            model = read_star_table(out / f"run_it{it:03d}_half{h}_model.star", block="model_class_1",
+                                    required=("rlnGoldStandardFsc", "rlnSsnrMap"))
+            assert len(model) == 17
+        data = read_particles(out / f"run_it{it:03d}_data.star")
+        assert data.n_particles == 120 and set(np.unique(data.random_subset)) == {1, 2}
+        assert np.all(np.isfinite(data.eulers_deg))
+    for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc",
+                 "run_data.star", "run_model.star"):
+        assert (out / name).is_file(), name
+    assert "resolution" in capsys.readouterr().out
+    # continue after iteration 2: iteration 3 is written, with the same half sets
+    assert _refine(dataset, "--iter", "1", "--continue", str(out / "run_it002_state.json")) == 0
+    third = read_particles(out / "run_it003_data.star")
+    assert np.array_equal(third.random_subset, read_particles(out / "run_it002_data.star").random_subset)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--iter", "0"), "--iter"),
+    (("--continue", "missing_state.json"), "no such state file"),
+])
+def test_refine_bad_options_are_one_line(dataset, capsys, change, message):
+    (dataset / "out").mkdir(exist_ok=True)
+    assert _refine(dataset, *change) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_refine_refuses_a_map_of_another_size(dataset, capsys, tmp_path):
+    write_map(tmp_path / "small.mrc", np.zeros((16, 16, 16), np.float32), 5.0)
+    assert run(["refine", "--i", str(dataset / "particles.star"), "--ref", str(tmp_path / "small.mrc"),
+                "--o", str(tmp_path / "run")]) == 1
+    assert "16 px, the particles are 32 px" in capsys.readouterr().err
