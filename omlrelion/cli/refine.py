@@ -1,5 +1,6 @@
 """Gold-standard 3D refinement of a particle set against a starting map (the reduced loop of
-`omlrelion.refine.autorefine`: fixed HEALPix order, one pass, no schedule; see docs/refinement.md).
+`omlrelion.refine.autorefine`: fixed HEALPix order with RELION's oversampled second pass, no
+schedule or local searches yet; see docs/refinement.md).
 
 Writes RELION's auto-refine names: per iteration ROOT_itNNN_half{1,2}_class001.mrc, ROOT_itNNN_data.star,
 ROOT_itNNN_half{1,2}_model.star (and ROOT_itNNN_state.json to continue from); at the end
@@ -34,6 +35,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--healpix_order", type=int, default=2, help="HEALPix order of the search (default 2, 15 deg)")
     p.add_argument("--offset_range", type=float, default=6.0, help="search range of the offsets, px (default 6)")
     p.add_argument("--offset_step", type=float, default=2.0, help="step of the offsets, px (default 2)")
+    p.add_argument("--oversampling", type=int, default=1, choices=(0, 1),
+                   help="1: second pass on the 2x finer grid around significant points (RELION's default); 0: one pass")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
@@ -91,7 +94,7 @@ def main(args: argparse.Namespace) -> dict:
     halves = _halves(particles, args.seed)
     opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
                          offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=1,
-                         batch=args.batch)
+                         batch=args.batch, oversampling=args.oversampling)
     state, first = None, 1
     if args.resume is not None:
         state, first, halves = _resume(args.resume, particles.n_particles)

@@ -7,8 +7,11 @@ noise and offset updates; then the halves' FSC from their sums, tau2 from that F
 half's MAP reconstruction (`reconstruct_map`, no gridding, RELION's refine default). The next
 r_max is RELION's: the last shell with FSC >= 0.5 plus `incr_size`.
 
-What this loop does not do yet (spec `relion-refinement.md`): the oversampled second pass and its
-coarse image size, the random perturbation, local searches and the sampling schedule (5.5),
+With `oversampling` 1 (the default) each particle's significant coarse points are refined on the
+2x finer grid (RELION's second pass), evaluated here on the same image size as the first pass.
+
+What this loop does not do yet (spec `relion-refinement.md`): the coarse image size of the first
+pass, the random perturbation, local searches and the sampling schedule (5.5),
 accuracy estimates and convergence (5.4, 5.6, 5.7), the final joined iteration, masked images,
 solvent flattening, norm and scale corrections, re-centring on the previous offsets, symmetry,
 and the RELION-named output files. It is the engine those steps will drive.
@@ -36,7 +39,7 @@ from omlrelion.reconstruct.fsc import (
     tau2_from_fsc,
 )
 from omlrelion.reconstruct.gridding import reconstruct_map
-from omlrelion.refine.expectation import HalfPlanePixels, expectation, offset_log_prior
+from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass, offset_log_prior
 from omlrelion.refine.maximization import (
     accumulate,
     shell_index,
@@ -61,6 +64,7 @@ class RefineOptions:
     sigma_offset_A: float = 10.0
     adaptive_fraction: float = 0.999
     batch: int = 64
+    oversampling: int = 1            # RELION's default: a second pass on the 2x finer grid (0: one pass)
 
 
 @dataclass
@@ -165,13 +169,25 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                                              sigma_offset_A=state.sigma_offset_A[h - 1], xp=xp)[:, :, None]
                     e = expectation(proj, x, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
                                     adaptive_fraction=opts.adaptive_fraction)
-                    state.eulers[sel] = eulers[e.best_orientation]
-                    state.shifts_px[sel] = shifts[e.best_shift]
-                    state.pmax[sel] = e.pmax
-                    state.n_significant[sel] = e.n_significant
-                    batch_stats.append(accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, shifts,
-                                                  box_size=n, pad=opts.pad, r_padded=grid.r_padded,
-                                                  projections=proj, angpix=optics.angpix))
+                    if opts.oversampling <= 0:
+                        state.eulers[sel] = eulers[e.best_orientation]
+                        state.shifts_px[sel] = shifts[e.best_shift]
+                        state.pmax[sel] = e.pmax
+                        state.n_significant[sel] = e.n_significant
+                        batch_stats.append(accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, shifts,
+                                                      box_size=n, pad=opts.pad, r_padded=grid.r_padded,
+                                                      projections=proj, angpix=optics.angpix))
+                        continue
+                    for j, i in enumerate(sel):
+                        f = fine_pass(vft, x[j], ct[j], noise_w, pix, sampling, e.posterior[j], shifts, box_size=n,
+                                      pad=opts.pad, r_padded=grid.r_padded, log_prior_t=to_numpy(prior[j, :, 0]),
+                                      adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling)
+                        state.eulers[i], state.shifts_px[i] = f.best_euler, f.best_shift
+                        state.pmax[i], state.n_significant[i] = f.pmax, f.n_significant
+                        batch_stats.append(accumulate(data, weight, x[j:j + 1], ct[j:j + 1], inv_d, f.posterior[None],
+                                                      f.eulers, f.shifts_px, box_size=n, pad=opts.pad,
+                                                      r_padded=grid.r_padded, projections=f.projections,
+                                                      angpix=optics.angpix))
                 hermitian_repair(data, weight)
                 sums.append((to_numpy(data).astype(np.complex128), to_numpy(weight).astype(np.float64)))
             stats.append(batch_stats)

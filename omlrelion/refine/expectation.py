@@ -125,5 +125,61 @@ def expectation(projections, images, ctf, noise_weight, shifts_px, pixels: HalfP
                        posterior=post)
 
 
-__all__ = ["EStepResult", "HalfPlanePixels", "expectation", "offset_log_prior", "significant_threshold",
+@dataclass
+class FinePass:
+    """One particle's second (oversampled) pass: its own fine orientations and shifts."""
+
+    eulers: np.ndarray               # (Rf, 3)
+    shifts_px: np.ndarray            # (Tf, 2)
+    posterior: object                # (Tf, Rf), zero below the threshold and off the allowed pairs
+    projections: object              # (Rf, n, n//2+1)
+    best_euler: np.ndarray
+    best_shift: np.ndarray
+    pmax: float
+    n_significant: int
+
+
+def fine_pass(volume_ftc, image, ctf, noise_weight, pixels: HalfPlanePixels, sampling, coarse_posterior,
+              shifts_px, *, box_size: int, pad: float, r_padded: int, log_prior_t=None,
+              adaptive_fraction: float = 0.999, ov: int = 1) -> FinePass:
+    """RELION's pass 2 for one particle (spec 3.7): every coarse orientation with a significant
+    (orientation, shift) pair gives its 4^ov 2^ov fine orientations, and each significant coarse
+    shift of it its 4^ov fine shifts; D2 is evaluated on those pairs only. log_prior_t: the coarse
+    shifts' log prior, inherited by their children."""
+    from omlrelion.fourier.projector import extract_slices
+    from omlrelion.geometry.euler import euler_to_matrix
+    from omlrelion.refine.sampling import oversampled_orientations, oversampled_shifts
+
+    xp = get_xp(image)
+    sig = to_numpy(coarse_posterior) > 0                                     # (T, R)
+    t_used, r_used = np.flatnonzero(sig.any(axis=1)), np.flatnonzero(sig.any(axis=0))
+    fine_r = oversampled_orientations(sampling, r_used, ov)                  # (nr, k_r, 3)
+    fine_t = oversampled_shifts(np.asarray(shifts_px)[t_used], sampling.offset_step_px, ov)   # (nt, k_t, 2)
+    k_r, k_t = fine_r.shape[1], fine_t.shape[1]
+    eulers, shifts = fine_r.reshape(-1, 3), fine_t.reshape(-1, 2)
+    allowed = np.repeat(np.repeat(sig[np.ix_(t_used, r_used)], k_t, axis=0), k_r, axis=1)   # (Tf, Rf)
+    n = image.shape[-2]
+    proj = extract_slices(volume_ftc, xp.asarray(euler_to_matrix(eulers)), box_size=n, pad=pad, r_padded=r_padded)
+    d2 = squared_differences(proj, image[None], ctf[None], noise_weight, shifts, pixels, box_size=box_size)[0]
+    allowed_d = xp.asarray(allowed)
+    logw = -(d2 - xp.min(xp.where(allowed_d, d2, xp.inf)))
+    if log_prior_t is not None:
+        logw = logw + xp.asarray(np.repeat(np.asarray(log_prior_t)[t_used], k_t))[:, None]
+    logw = xp.where(allowed_d, logw, -xp.inf)
+    logw -= logw.max()
+    limit = -88.0 if logw.dtype == np.float32 else -700.0
+    w = xp.where(logw > limit, xp.exp(logw), 0.0)
+    total = float(w.sum())
+    if not (total > 0 and np.isfinite(total)):
+        raise FloatingPointError("E-step: a particle's fine-pass weights sum to zero or are not finite")
+    theta = float(significant_threshold(w.reshape(1, -1), adaptive_fraction)[0])
+    keep = w >= theta
+    post = xp.where(keep, w / total, 0.0)
+    best = int(xp.argmax(w))
+    bt, br = divmod(best, w.shape[1])
+    return FinePass(eulers, shifts, post, proj, eulers[br], shifts[bt], float(w.max()) / total,
+                    int(keep.sum()))
+
+
+__all__ = ["EStepResult", "FinePass", "fine_pass", "HalfPlanePixels", "expectation", "offset_log_prior", "significant_threshold",
            "squared_differences"]

@@ -152,6 +152,11 @@ class Sampling:
         return d[asymmetric_unit(d, self.symmetry)]
 
     @property
+    def direction_pixels(self) -> np.ndarray:
+        """The NESTED pixel index of each kept direction (what oversampling refines)."""
+        return np.flatnonzero(asymmetric_unit(healpix_directions(self.order), self.symmetry))
+
+    @property
     def psi(self) -> np.ndarray:
         return psi_angles(self.order)
 
@@ -165,6 +170,31 @@ class Sampling:
         return np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))])
 
 
+def oversampled_orientations(sampling: Sampling, orientations, ov: int = 1) -> np.ndarray:
+    """(len(orientations), 4^ov 2^ov, 3) fine rot, tilt, psi of coarse orientation indices (into
+    `sampling.eulers()`): the direction's NESTED children (outer), psi - step/2 + (m + 1/2) step/2^ov
+    (inner), RELION's order."""
+    orientations = np.asarray(orientations, dtype=np.int64)
+    psi = sampling.psi
+    n_psi = len(psi)
+    step = 360.0 / n_psi
+    dirs = oversampled_directions(sampling.order, sampling.direction_pixels[orientations // n_psi], ov)
+    fine_psi = psi[orientations % n_psi][:, None] - step / 2 + (np.arange(2**ov) + 0.5) * step / 2**ov
+    n_dir, n_p = dirs.shape[1], fine_psi.shape[1]
+    out = np.empty((len(orientations), n_dir * n_p, 3))
+    out[:, :, :2] = np.repeat(dirs, n_p, axis=1)
+    out[:, :, 2] = np.tile(fine_psi, (1, n_dir))
+    return out
+
+
+def oversampled_shifts(shifts_px, step_px: float, ov: int = 1) -> np.ndarray:
+    """(len(shifts), 4^ov, 2) fine shifts t - step/2 + (m + 1/2) step/2^ov on each axis (x outer)."""
+    t = np.asarray(shifts_px, dtype=np.float64)
+    o = -step_px / 2 + (np.arange(2**ov) + 0.5) * step_px / 2**ov
+    ox, oy = np.meshgrid(o, o, indexing="ij")
+    return t[:, None, :] + np.stack([ox.ravel(), oy.ravel()], axis=1)[None]
+
+
 def oversampled_directions(order: int, ipix, ov: int = 1) -> np.ndarray:
     """(len(ipix), 4^ov, 2) rot, tilt of the NESTED children at order + ov of coarse pixels `ipix`."""
     ipix = np.asarray(ipix, dtype=np.int64)
@@ -175,4 +205,5 @@ def oversampled_directions(order: int, ipix, ov: int = 1) -> np.ndarray:
 
 
 __all__ = ["Sampling", "angular_step", "asymmetric_unit", "healpix_directions", "oversampled_directions",
+           "oversampled_orientations", "oversampled_shifts",
            "pix2ang_nest", "pix2ang_ring", "psi_angles", "translations"]

@@ -113,3 +113,26 @@ def test_squared_differences_gpu_float32_vs_cpu_float64(rng):
                       cp.asarray(ctf.astype(np.float32)), cp.asarray(w.astype(np.float32)), shifts, pix, box_size=n)
     cpu = expectation(proj, img, ctf, w, shifts, pix, box_size=n)
     np.testing.assert_array_equal(out.best_orientation, cpu.best_orientation)
+
+
+def test_fine_pass_only_evaluates_children_of_significant_pairs(rng):
+    from omlrelion.fourier.projector import volume_to_ftc
+    from omlrelion.pipeline.phantom import phantom_volume
+    from omlrelion.refine.expectation import fine_pass
+    from omlrelion.refine.sampling import Sampling
+
+    n = 24
+    vft = volume_to_ftc(phantom_volume(n, 6.0, seed=2).astype(np.float64), pad=2.0)
+    s = Sampling(1, 1.0, 1.0)
+    pix = HalfPlanePixels.of(n)
+    image = rng.normal(size=(n, n // 2 + 1)) + 1j * rng.normal(size=(n, n // 2 + 1))
+    coarse = np.zeros((len(s.shifts), len(s.eulers())))
+    coarse[0, 3], coarse[2, 3], coarse[1, 40] = 0.5, 0.3, 0.2
+    f = fine_pass(vft, image, np.ones((n, n // 2 + 1)), np.ones(len(pix.index)), pix, s, coarse, s.shifts,
+                  box_size=n, pad=2.0, r_padded=n)
+    assert f.eulers.shape == (16, 3) and f.shifts_px.shape == (12, 2)        # 2 orientations x 8, 3 shifts x 4
+    post = np.asarray(f.posterior)
+    # orientation 40 was significant only with shift 1: its children get no mass with shifts 0 and 2
+    assert not post[:4, 8:].any() and not post[8:, 8:].any()
+    assert post.sum() == pytest.approx(1.0, abs=2e-3) and 1 <= f.n_significant <= post.size
+    assert 0 < f.pmax <= 1

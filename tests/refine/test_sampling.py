@@ -81,3 +81,19 @@ def test_cyclic_and_dihedral_asymmetric_units():
     assert asymmetric_unit(d, "C1").all()
     with pytest.raises(InputError, match="C1, Cn and Dn"):
         asymmetric_unit(d, "T")
+
+
+def test_oversampled_orientations_and_shifts_follow_relion():
+    from omlrelion.refine.sampling import oversampled_orientations, oversampled_shifts
+
+    s = Sampling(1, 2.0, 1.0)
+    fine = oversampled_orientations(s, [0, 13])
+    assert fine.shape == (2, 8, 3)
+    coarse = s.eulers()[[0, 13]]
+    # psi +- step/4 inside each child direction (children outer, psi inner)
+    np.testing.assert_allclose(fine[:, ::2, 2], np.repeat(coarse[:, None, 2] - 7.5, 4, axis=1))
+    np.testing.assert_allclose(fine[:, 1::2, 2], np.repeat(coarse[:, None, 2] + 7.5, 4, axis=1))
+    angle = np.degrees(np.arccos(np.clip((_unit(fine[..., :2]) * _unit(coarse[:, None, :2])).sum(-1), -1, 1)))
+    assert np.all(angle < angular_step(1))
+    t = oversampled_shifts([[0.0, 0.0], [1.0, -1.0]], 1.0)
+    np.testing.assert_allclose(t[1], [[0.75, -1.25], [0.75, -0.75], [1.25, -1.25], [1.25, -0.75]])
