@@ -1,6 +1,7 @@
 """Gold-standard 3D refinement of a particle set against a starting map (the reduced loop of
-`omlrelion.refine.autorefine`: fixed HEALPix order with RELION's oversampled second pass, no
-schedule or local searches yet; see docs/refinement.md).
+`omlrelion.refine.autorefine`: RELION's oversampled second pass, a finer HEALPix order after each
+iteration without resolution gain and local searches from --auto_local_healpix_order on; no
+accuracy estimates or convergence test yet: it runs --iter iterations; see docs/refinement.md).
 
 Writes RELION's auto-refine names: per iteration ROOT_itNNN_half{1,2}_class001.mrc, ROOT_itNNN_data.star,
 ROOT_itNNN_half{1,2}_model.star (and ROOT_itNNN_state.json to continue from); at the end
@@ -37,6 +38,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset_step", type=float, default=2.0, help="step of the offsets, px (default 2)")
     p.add_argument("--oversampling", type=int, default=1, choices=(0, 1),
                    help="1: second pass on the 2x finer grid around significant points (RELION's default); 0: one pass")
+    p.add_argument("--auto_local_healpix_order", type=int, default=4,
+                   help="order from which each particle is searched locally around its pose (default 4)")
+    p.add_argument("--max_healpix_order", type=int, default=5,
+                   help="finest order the schedule goes to after iterations without resolution gain (default 5)")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
@@ -94,7 +99,8 @@ def main(args: argparse.Namespace) -> dict:
     halves = _halves(particles, args.seed)
     opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
                          offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=1,
-                         batch=args.batch, oversampling=args.oversampling)
+                         batch=args.batch, oversampling=args.oversampling, max_order=args.max_healpix_order,
+                         auto_local_order=args.auto_local_healpix_order)
     state, first = None, 1
     if args.resume is not None:
         state, first, halves = _resume(args.resume, particles.n_particles)
@@ -160,7 +166,8 @@ def _write_iteration(root: Path, it: int, state, particles, halves, optics, writ
                          reference=Path(f"{stem}_half{h}_class001.mrc").name)
     _write_data(f"{stem}_data.star", state, particles, halves)
     write_json(Path(f"{stem}_state.json"), {
-        "iteration": it, "r_star": state.r_star, "sigma2": [s.tolist() for s in state.sigma2],
+        "iteration": it, "r_star": state.r_star, "healpix_order": state.order, "local": state.local,
+        "iter_wo_gain": state.iter_wo_gain, "sigma2": [s.tolist() for s in state.sigma2],
         "sigma_offset_A": list(state.sigma_offset_A), "history": state.history,
         "halves": halves.tolist(), "maps": [f"{Path(stem).name}_half{h}_class001.mrc" for h in (1, 2)],
         "data": f"{Path(stem).name}_data.star"}, indent=1)
@@ -184,5 +191,6 @@ def _resume(path: Path, n_particles: int):
                         sigma_offset_A=list(saved["sigma_offset_A"]), r_star=int(saved["r_star"]),
                         eulers=data.eulers_deg.copy(), shifts_px=data.shifts_px.copy(),
                         pmax=np.zeros(n_particles), n_significant=np.zeros(n_particles, dtype=np.int64),
-                        history=list(saved["history"]))
+                        history=list(saved["history"]), order=int(saved["healpix_order"]),
+                        local=bool(saved["local"]), iter_wo_gain=int(saved["iter_wo_gain"]))
     return state, int(saved["iteration"]) + 1, halves

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omlrelion.backend import Device, to_numpy
+from omlrelion.backend import Device, get_xp, to_numpy
 from omlrelion.ctf.ctf import CtfParams, ctf_2d
 from omlrelion.ctf.optics import Optics
 from omlrelion.fourier.layout import rfft2_centred
@@ -46,7 +46,7 @@ from omlrelion.refine.maximization import (
     update_sigma2,
     update_sigma_offset,
 )
-from omlrelion.refine.sampling import Sampling
+from omlrelion.refine.sampling import Sampling, angular_step, local_orientations
 from omlrelion.units import relion_round
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class RefineOptions:
     adaptive_fraction: float = 0.999
     batch: int = 64
     oversampling: int = 1            # RELION's default: a second pass on the 2x finer grid (0: one pass)
+    schedule: bool = True            # finer HEALPix order after an iteration without resolution gain
+    max_order: int = 5               # ... up to this order
+    auto_local_order: int = 4        # from this order on, local searches around each particle's pose
 
 
 @dataclass
@@ -80,6 +83,9 @@ class RefineState:
     pmax: np.ndarray
     n_significant: np.ndarray = None    # (M,) significant samples of each particle's last E-step
     history: list = field(default_factory=list)
+    order: int | None = None            # the HEALPix order of the next iteration
+    local: bool = False                 # local searches (sigma = 2 fine steps) instead of global
+    iter_wo_gain: int = 0               # iterations since the resolution last improved
     last_sums: list = None              # the last iteration's (data, weight) per half, and its grid
     last_grid: PaddedGrid = None
 
@@ -119,6 +125,31 @@ def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
     return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
 
 
+def _local_particle(state: RefineState, i: int, vft, image, ctf, noise_w, pix, sampling, log_prior_t,
+                    sigma_deg: float, *, opts: RefineOptions, grid: PaddedGrid, box_size: int):
+    """One particle's local search (spec 3.5, 3.10): the orientations within 3 sigma of its last best
+    pose with their Gaussian prior, then the second pass on them. Updates the particle's pose in
+    `state`; returns (posterior (T, R), eulers (R, 3), shifts (T, 2), projections) for the M-step."""
+    xp = get_xp(image)
+    index, log_prior_r = local_orientations(sampling, state.eulers[i], sigma_deg)
+    eulers = sampling.eulers()[index]
+    n = image.shape[-2]
+    proj = extract_slices(vft, xp.asarray(euler_to_matrix(eulers)), box_size=n, pad=opts.pad, r_padded=grid.r_padded)
+    prior = log_prior_t[None, :, None] + log_prior_r[None, None, :]
+    e = expectation(proj, image[None], ctf[None], noise_w, sampling.shifts, pix, box_size=box_size,
+                    log_prior=prior, adaptive_fraction=opts.adaptive_fraction)
+    if opts.oversampling <= 0:
+        state.eulers[i], state.shifts_px[i] = eulers[e.best_orientation[0]], sampling.shifts[e.best_shift[0]]
+        state.pmax[i], state.n_significant[i] = e.pmax[0], e.n_significant[0]
+        return e.posterior[0], eulers, sampling.shifts, proj
+    f = fine_pass(vft, image, ctf, noise_w, pix, sampling, e.posterior[0], sampling.shifts, box_size=box_size,
+                  pad=opts.pad, r_padded=grid.r_padded, log_prior_t=log_prior_t,
+                  adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling, orientation_index=index)
+    state.eulers[i], state.shifts_px[i] = f.best_euler, f.best_shift
+    state.pmax[i], state.n_significant[i] = f.pmax, f.n_significant
+    return f.posterior, f.eulers, f.shifts_px, f.projections
+
+
 def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
            device: Device = Device(), state: RefineState | None = None) -> RefineState:
     """Run `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}."""
@@ -128,9 +159,6 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     xp = device.xp
     real = np.float64 if device.gpu is None else np.float32
     cplx = np.result_type(real, np.complex64)
-    sampling = Sampling(opts.healpix_order, opts.offset_range_px, opts.offset_step_px)
-    eulers, shifts = sampling.eulers(), sampling.shifts
-    rotations = euler_to_matrix(eulers)
     images_ft = rfft2_centred(images.astype(np.float64))
     ctf_full = ctf_2d(optics, ctf, dtype=np.float64)
     if state is None:
@@ -142,7 +170,17 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                             r_star=relion_round(n * optics.angpix / opts.ini_high_A),
                             eulers=np.zeros((m, 3)), shifts_px=np.zeros((m, 2)), pmax=np.zeros(m),
                             n_significant=np.zeros(m, dtype=np.int64))
+    if state.order is None:
+        state.order = opts.healpix_order
+        state.local = opts.healpix_order >= opts.auto_local_order
     for _ in range(opts.n_iter):
+        if opts.schedule and state.history and state.iter_wo_gain >= 1 and state.order < opts.max_order:
+            state.order, state.iter_wo_gain = state.order + 1, 0
+            state.local = state.order >= opts.auto_local_order
+        sampling = Sampling(state.order, opts.offset_range_px, opts.offset_step_px)
+        eulers, shifts = sampling.eulers(), sampling.shifts
+        sigma_local = 2 * angular_step(state.order + max(opts.oversampling, 0))
+        rotations = None if state.local else euler_to_matrix(eulers)
         r_max = min(n // 2, state.r_star + opts.incr_size)
         c = min(n, 2 * r_max)
         grid = PaddedGrid(n, opts.pad, r_max)
@@ -155,7 +193,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             inv = 1.0 / sig[np.minimum(shells_c, len(sig) - 1)]
             with device.use():
                 vft = xp.asarray(volume_to_ftc(state.maps[h - 1], pad=opts.pad, r_max=r_max).astype(cplx))
-                proj = extract_slices(vft, xp.asarray(rotations), box_size=c, pad=opts.pad, r_padded=grid.r_padded)
+                proj = None if state.local else extract_slices(vft, xp.asarray(rotations), box_size=c, pad=opts.pad,
+                                                               r_padded=grid.r_padded)
                 data = xp.zeros(grid.shape, dtype=cplx)
                 weight = xp.zeros(grid.shape, dtype=real)
                 noise_w = xp.asarray(inv.ravel()[pix.index], dtype=real)
@@ -167,6 +206,15 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                     ct = xp.asarray(window_2d(ctf_full[sel], c).astype(real))
                     prior = offset_log_prior(np.zeros((len(sel), 2)), shifts, angpix=optics.angpix,
                                              sigma_offset_A=state.sigma_offset_A[h - 1], xp=xp)[:, :, None]
+                    if state.local:
+                        for j, i in enumerate(sel):
+                            post, eul, sh, pr = _local_particle(state, i, vft, x[j], ct[j], noise_w, pix, sampling,
+                                                                to_numpy(prior[j, :, 0]), sigma_local, opts=opts,
+                                                                grid=grid, box_size=n)
+                            batch_stats.append(accumulate(data, weight, x[j:j + 1], ct[j:j + 1], inv_d, post[None],
+                                                          eul, sh, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
+                                                          projections=pr, angpix=optics.angpix))
+                        continue
                     e = expectation(proj, x, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
                                     adaptive_fraction=opts.adaptive_fraction)
                     if opts.oversampling <= 0:
@@ -201,11 +249,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                                                 skip_gridding=True, tau2=tau2, minres_map=MINRES_MAP)
             state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
             state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
-        state.r_star = resolution_shell(curve)
+        r_new = resolution_shell(curve)
+        state.iter_wo_gain = state.iter_wo_gain + 1 if r_new <= state.r_star else 0
+        state.r_star = r_new
         state.last_sums, state.last_grid = sums, grid
         state.history.append({"r_max": r_max, "current_size": c, "fsc": curve.tolist(), "r_star": state.r_star,
                               "resolution_A": n * optics.angpix / state.r_star, "ave_pmax": float(state.pmax.mean()),
-                              "halves": spectra})
+                              "halves": spectra, "healpix_order": state.order, "local": state.local})
         log.info("refine iteration %d: r_max %d, resolution %.2f A, <Pmax> %.3f", len(state.history), r_max,
                  n * optics.angpix / state.r_star, state.pmax.mean())
     return state

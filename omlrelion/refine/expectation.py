@@ -141,11 +141,12 @@ class FinePass:
 
 def fine_pass(volume_ftc, image, ctf, noise_weight, pixels: HalfPlanePixels, sampling, coarse_posterior,
               shifts_px, *, box_size: int, pad: float, r_padded: int, log_prior_t=None,
-              adaptive_fraction: float = 0.999, ov: int = 1) -> FinePass:
+              adaptive_fraction: float = 0.999, ov: int = 1, orientation_index=None) -> FinePass:
     """RELION's pass 2 for one particle (spec 3.7): every coarse orientation with a significant
     (orientation, shift) pair gives its 4^ov 2^ov fine orientations, and each significant coarse
     shift of it its 4^ov fine shifts; D2 is evaluated on those pairs only. log_prior_t: the coarse
-    shifts' log prior, inherited by their children."""
+    shifts' log prior, inherited by their children. orientation_index: the `sampling.eulers()` index
+    of each column of `coarse_posterior` (a local search's subset; default: all, in order)."""
     from omlrelion.fourier.projector import extract_slices
     from omlrelion.geometry.euler import euler_to_matrix
     from omlrelion.refine.sampling import oversampled_orientations, oversampled_shifts
@@ -153,7 +154,8 @@ def fine_pass(volume_ftc, image, ctf, noise_weight, pixels: HalfPlanePixels, sam
     xp = get_xp(image)
     sig = to_numpy(coarse_posterior) > 0                                     # (T, R)
     t_used, r_used = np.flatnonzero(sig.any(axis=1)), np.flatnonzero(sig.any(axis=0))
-    fine_r = oversampled_orientations(sampling, r_used, ov)                  # (nr, k_r, 3)
+    r_index = r_used if orientation_index is None else np.asarray(orientation_index)[r_used]
+    fine_r = oversampled_orientations(sampling, r_index, ov)                 # (nr, k_r, 3)
     fine_t = oversampled_shifts(np.asarray(shifts_px)[t_used], sampling.offset_step_px, ov)   # (nt, k_t, 2)
     k_r, k_t = fine_r.shape[1], fine_t.shape[1]
     eulers, shifts = fine_r.reshape(-1, 3), fine_t.reshape(-1, 2)

@@ -170,6 +170,28 @@ class Sampling:
         return np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))])
 
 
+def local_orientations(sampling: Sampling, prior_euler, sigma_deg: float):
+    """A local search's orientations (spec 3.5): indices into `sampling.eulers()` whose direction lies
+    within 3 sigma (great-circle angle) of the prior's and whose psi within 3 sigma of its psi, with
+    the Gaussian log prior of each (direction and psi terms). The nearest one is kept if none is."""
+    d, psi = sampling.directions, sampling.psi
+    r, t = np.radians(d[:, 0]), np.radians(d[:, 1])
+    units = np.stack([np.sin(t) * np.cos(r), np.sin(t) * np.sin(r), np.cos(t)], axis=1)
+    pr, pt = np.radians(prior_euler[0]), np.radians(prior_euler[1])
+    p_unit = np.array([np.sin(pt) * np.cos(pr), np.sin(pt) * np.sin(pr), np.cos(pt)])
+    angle = np.degrees(np.arccos(np.clip(units @ p_unit, -1, 1)))
+    dpsi = np.abs((psi - prior_euler[2] + 180.0) % 360.0 - 180.0)
+    keep_d, keep_p = np.flatnonzero(angle < 3 * sigma_deg), np.flatnonzero(dpsi < 3 * sigma_deg)
+    if not len(keep_d):
+        keep_d = np.array([int(np.argmin(angle))])
+    if not len(keep_p):
+        keep_p = np.array([int(np.argmin(dpsi))])
+    index = (keep_d[:, None] * len(psi) + keep_p[None, :]).ravel()
+    log_prior = (-(angle[keep_d][:, None] ** 2) / (2 * sigma_deg**2)
+                 - (dpsi[keep_p][None, :] ** 2) / (2 * sigma_deg**2)).ravel()
+    return index, log_prior
+
+
 def oversampled_orientations(sampling: Sampling, orientations, ov: int = 1) -> np.ndarray:
     """(len(orientations), 4^ov 2^ov, 3) fine rot, tilt, psi of coarse orientation indices (into
     `sampling.eulers()`): the direction's NESTED children (outer), psi - step/2 + (m + 1/2) step/2^ov
@@ -205,5 +227,5 @@ def oversampled_directions(order: int, ipix, ov: int = 1) -> np.ndarray:
 
 
 __all__ = ["Sampling", "angular_step", "asymmetric_unit", "healpix_directions", "oversampled_directions",
-           "oversampled_orientations", "oversampled_shifts",
+           "local_orientations", "oversampled_orientations", "oversampled_shifts",
            "pix2ang_nest", "pix2ang_ring", "psi_angles", "translations"]

@@ -46,7 +46,12 @@ def test_refine_writes_relion_names_and_continues(dataset, capsys):
     assert "resolution" in capsys.readouterr().out
     # continue after iteration 2: iteration 3 is written, with the same half sets
     assert _refine(dataset, "--iter", "1", "--continue", str(out / "run_it002_state.json")) == 0
+    import json
+
+    saved = json.loads((out / "run_it002_state.json").read_text())
+    assert saved["iteration"] == 2 and saved["healpix_order"] >= 1
     third = read_particles(out / "run_it003_data.star")
+    assert json.loads((out / "run_it003_state.json").read_text())["healpix_order"] >= saved["healpix_order"]
     assert np.array_equal(third.random_subset, read_particles(out / "run_it002_data.star").random_subset)
 
 

@@ -45,7 +45,7 @@ def test_refinement_recovers_poses_and_a_consistent_resolution(rng):
     n = 32
     truth, rotations, shifts, optics, ctf, images, halves = _simulated(rng, 200, snr=2.0, n=n)
     opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
-                         n_iter=3, batch=50)
+                         n_iter=3, batch=50, schedule=False)
     state = refine(images, ctf, optics, halves, truth, opts)
     found = euler_to_matrix(state.eulers)
     cos = (np.einsum("mij,mij->m", found, rotations) - 1) / 2
@@ -59,12 +59,29 @@ def test_refinement_recovers_poses_and_a_consistent_resolution(rng):
     assert 0.0 < last["ave_pmax"] <= 1.0
 
 
+def test_schedule_goes_to_finer_local_searches_and_improves_the_poses(rng):
+    """After an iteration without resolution gain the order goes up; from auto_local_order on each
+    particle is searched around its pose (3 sigma, sigma = 2 fine steps): the poses get closer than
+    the global order-2 grid allows."""
+    truth, rotations, _, optics, ctf, images, halves = _simulated(rng, 100, snr=2.0)
+    opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
+                         n_iter=4, batch=50, auto_local_order=3, max_order=4)
+    state = refine(images, ctf, optics, halves, truth, opts)
+    orders = [h["healpix_order"] for h in state.history]
+    assert orders[0] == 2 and orders == sorted(orders) and orders[-1] > 2
+    assert all(h["local"] == (h["healpix_order"] >= 3) for h in state.history)
+    cos = (np.einsum("mij,mij->m", euler_to_matrix(state.eulers), rotations) - 1) / 2
+    errors = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+    assert np.median(errors) < 7.4          # the median distance to the nearest order-2 orientation
+
+
 @pytest.mark.gpu
 def test_refinement_on_gpu_finds_the_cpu_poses(rng):
     from omlrelion.backend import Device
 
     truth, _, _, optics, ctf, images, halves = _simulated(rng, 80, snr=4.0)
-    opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, n_iter=1)
+    opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, n_iter=1,
+                         schedule=False)
     cpu = refine(images, ctf, optics, halves, truth, opts)
     gpu = refine(images, ctf, optics, halves, truth, opts, device=Device(0))
     same = np.all(np.isclose(cpu.eulers, gpu.eulers), axis=1)
