@@ -4,9 +4,9 @@ iteration without resolution gain and local searches from --auto_local_healpix_o
 accuracy estimates or convergence test yet: it runs --iter iterations; see docs/refinement.md).
 
 Writes RELION's auto-refine names: per iteration ROOT_itNNN_half{1,2}_class001.mrc, ROOT_itNNN_data.star,
-ROOT_itNNN_half{1,2}_model.star (and ROOT_itNNN_state.json to continue from); at the end
-ROOT_class001.mrc (both halves' sums joined), ROOT_half{1,2}_class001_unfil.mrc, ROOT_data.star and
-ROOT_model.star, e.g.
+ROOT_itNNN_half{1,2}_model.star (and ROOT_itNNN_state.json to continue from); then a final iteration
+on all the data up to Nyquist gives ROOT_class001.mrc (both halves' sums joined),
+ROOT_half{1,2}_class001_unfil.mrc, ROOT_data.star and ROOT_model.star, e.g.
   omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --ini_high 30 --iter 5 --device gpu
   omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --iter 3 --continue Refine3D/run_it005_state.json
 """
@@ -107,7 +107,9 @@ def main(args: argparse.Namespace) -> dict:
     for it in range(first, first + args.iter):
         state = refine(images, ctf, optics, halves, start, opts, device=device, state=state)
         _write_iteration(args.root, it, state, particles, halves, optics, write_model_star)
-    # final: the halves' sums joined (tau2 from the full-data FSC) and the unregularised half maps
+    # RELION's final iteration: every particle aligned once more against its half map on all the data
+    # up to Nyquist, then the halves' sums joined (tau2 from the full-data FSC) and the unfiltered halves
+    state = refine(images, ctf, optics, halves, start, opts, device=device, state=state, final=True)
     (d1, w1), (d2, w2) = state.last_sums
     grid, last = state.last_grid, state.history[-1]
     tau2, sigma2, ssnr = tau2_from_fsc(w1 + w2, last["fsc"], grid=grid, whole_data=True)

@@ -10,11 +10,15 @@ r_max is RELION's: the last shell with FSC >= 0.5 plus `incr_size`.
 With `oversampling` 1 (the default) each particle's significant coarse points are refined on the
 2x finer grid (RELION's second pass), evaluated here on the same image size as the first pass.
 
+Sampling schedule (reduced 5.5): after an iteration without resolution gain the HEALPix order goes
+up by one, to `max_order`; from `auto_local_order` on, each particle is searched within 3 sigma of
+its last pose (sigma = 2 fine steps). `final=True` runs RELION's last iteration on all data.
+
 What this loop does not do yet (spec `relion-refinement.md`): the coarse image size of the first
-pass, the random perturbation, local searches and the sampling schedule (5.5),
-accuracy estimates and convergence (5.4, 5.6, 5.7), the final joined iteration, masked images,
-solvent flattening, norm and scale corrections, re-centring on the previous offsets, symmetry,
-and the RELION-named output files. It is the engine those steps will drive.
+pass, the random perturbation, the offset-range update and the pose-change and accuracy
+conditions of the schedule, convergence (5.4, 5.6, 5.7), masked images, solvent flattening, norm
+and scale corrections, re-centring on the previous offsets and symmetry. `omlrelion refine`
+(`cli/refine.py`) writes RELION's file names.
 """
 
 from __future__ import annotations
@@ -151,8 +155,12 @@ def _local_particle(state: RefineState, i: int, vft, image, ctf, noise_w, pix, s
 
 
 def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
-           device: Device = Device(), state: RefineState | None = None) -> RefineState:
-    """Run `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}."""
+           device: Device = Device(), state: RefineState | None = None, final: bool = False) -> RefineState:
+    """Run `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}.
+
+    final: RELION's last iteration, on all the data up to Nyquist (current size N; the caller joins
+    the halves' sums, `state.last_sums`, for the final map).
+    """
     images = np.asarray(images)
     m, n = images.shape[0], images.shape[-1]
     halves = np.asarray(halves)
@@ -174,14 +182,14 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         state.order = opts.healpix_order
         state.local = opts.healpix_order >= opts.auto_local_order
     for _ in range(opts.n_iter):
-        if opts.schedule and state.history and state.iter_wo_gain >= 1 and state.order < opts.max_order:
+        if opts.schedule and not final and state.history and state.iter_wo_gain >= 1 and state.order < opts.max_order:
             state.order, state.iter_wo_gain = state.order + 1, 0
             state.local = state.order >= opts.auto_local_order
         sampling = Sampling(state.order, opts.offset_range_px, opts.offset_step_px)
         eulers, shifts = sampling.eulers(), sampling.shifts
         sigma_local = 2 * angular_step(state.order + max(opts.oversampling, 0))
         rotations = None if state.local else euler_to_matrix(eulers)
-        r_max = min(n // 2, state.r_star + opts.incr_size)
+        r_max = n // 2 if final else min(n // 2, state.r_star + opts.incr_size)
         c = min(n, 2 * r_max)
         grid = PaddedGrid(n, opts.pad, r_max)
         pix = HalfPlanePixels.of(c)

@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
 
 def _refine(folder, *extra):
     return run(["refine", "--i", str(folder / "particles.star"), "--ref", str(folder / "start.mrc"),
-                "--o", str(folder / "out" / "run"), "--ini_high", "20", "--healpix_order", "1",
+                "--o", str(folder / "out" / "run"), "--ini_high", "20", "--healpix_order", "1", "--max_healpix_order", "1",
                 "--offset_range", "2", "--offset_step", "1", *extra])
 
 
