@@ -142,6 +142,8 @@ def expectation_opts(wc):
             "ctf": rc["refine"]["ctf"], "precision": rc["refine"]["precision"], "compression": rc["store"]}
     if int(wc.it) == 1:
         opts["first"] = wf.first_iteration(rc["refine"])
+    elif rc["refine"]["pose_search_order"] is not None:
+        opts["pose_search"] = {k: rc["refine"][k] for k in ("pose_search_order", "offset_range_px", "offset_step_px")}
     return opts
 
 

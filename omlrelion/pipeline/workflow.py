@@ -301,6 +301,55 @@ def _scores(volume_ftc, images, rotations, shifts_px, optics, ctf, *, grid: Padd
     return to_numpy(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)).astype(np.float64)
 
 
+def _search_shard(store, index, columns, ref_ftc, grid: PaddedGrid, search: dict, apply_ctf: bool, dtype,
+                  device: Device):
+    """The pose search of one shard (`refine`): every particle's global search on the HEALPix grid of
+    `pose_search_order` (first pass, then RELION's oversampled second pass on its significant
+    points) against the half map's projector, and its posterior-weighted back-projection with
+    RELION's 1/sigma2 weights. sigma2 per shell comes from the shard's own images (spec 5.9).
+    Returns (data, weight, best eulers, best shifts, Pmax) on `device` / the host."""
+    from omlrelion.refine.autorefine import initial_sigma2, window_2d
+    from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass, offset_log_prior
+    from omlrelion.refine.maximization import accumulate, shell_index
+    from omlrelion.refine.sampling import Sampling
+
+    xp = device.xp
+    real = np.dtype(dtype)
+    cplx = np.result_type(real, np.complex64)
+    n, c = store.box_size, min(store.box_size, 2 * grid.r_max)
+    sampling = Sampling(int(search["pose_search_order"]), float(search["offset_range_px"]),
+                        float(search["offset_step_px"]))
+    eulers_grid, shifts_grid = sampling.eulers(), sampling.shifts
+    proj = extract_slices(ref_ftc, xp.asarray(euler_to_matrix(eulers_grid)), box_size=c, pad=grid.pad,
+                          r_padded=grid.r_padded)
+    pix = HalfPlanePixels.of(c)
+    images_ft = rfft2_centred(store.read_images(index).astype(np.float64))
+    sigma2 = initial_sigma2(images_ft)
+    inv = 1.0 / sigma2[np.minimum(shell_index(c), len(sigma2) - 1)]
+    noise_w, inv_d = xp.asarray(inv.ravel()[pix.index], dtype=real), xp.asarray(inv, dtype=real)
+    data = xp.zeros(grid.shape, dtype=cplx)
+    weight = xp.zeros(grid.shape, dtype=real)
+    eulers, shifts, pmax = np.zeros((len(index), 3)), np.zeros((len(index), 2)), np.zeros(len(index))
+    for group in np.unique(columns["optics_group"][index]):
+        members = np.flatnonzero(columns["optics_group"][index] == group)
+        optics = store.optics[group]
+        for start in range(0, len(members), BATCH):
+            sel = members[start:start + BATCH]
+            x = xp.asarray(window_2d(images_ft[sel], c).astype(cplx))
+            ctf = (window_2d(ctf_2d(optics, _ctf_params(store, index[sel], columns), dtype=np.float64), c)
+                   if apply_ctf else np.ones((len(sel), c, c // 2 + 1)))
+            ct = xp.asarray(ctf.astype(real))
+            prior = offset_log_prior(np.zeros((len(sel), 2)), shifts_grid, angpix=store.angpix, sigma_offset_A=10.0)
+            e = expectation(proj, x, ct, noise_w, shifts_grid, pix, box_size=n, log_prior=xp.asarray(prior)[:, :, None])
+            for j, i in enumerate(sel):
+                f = fine_pass(ref_ftc, x[j], ct[j], noise_w, pix, sampling, e.posterior[j], shifts_grid, box_size=n,
+                              pad=grid.pad, r_padded=grid.r_padded, log_prior_t=prior[j])
+                eulers[i], shifts[i], pmax[i] = f.best_euler, f.best_shift, f.pmax
+                accumulate(data, weight, x[j:j + 1], ct[j:j + 1], inv_d, f.posterior[None], f.eulers, f.shifts_px,
+                           box_size=n, pad=grid.pad, r_padded=grid.r_padded)
+    return data, weight, eulers, shifts, pmax
+
+
 def first_iteration(schedule: dict) -> dict:
     """What iteration 1 needs of the schedule: its resolution limit and whether it is the final one."""
     last = schedule["max_iterations"] if schedule["until_converged"] else schedule["iterations"]
@@ -357,11 +406,17 @@ def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int,
             with device.use():
                 ref_ftc = volume_to_ftc(device.put(volume.astype(dtype)), pad=grid.pad, r_max=r_max)
         scores = np.full(len(index), np.nan)
+        search = opts.get("pose_search") if ref_ftc is not None else None
+        if search is not None:
+            with device.use():
+                data, weight, eulers, shifts, scores = _search_shard(store, index, columns, ref_ftc, grid, search,
+                                                                     bool(opts["ctf"]), dtype, device)
         with device.use():
-            data = xp.zeros(grid.shape, dtype=np.result_type(dtype, np.complex64))
-            weight = xp.zeros(grid.shape, dtype=dtype)
+            if search is None:
+                data = xp.zeros(grid.shape, dtype=np.result_type(dtype, np.complex64))
+                weight = xp.zeros(grid.shape, dtype=dtype)
             mode = CtfMode(apply=bool(opts["ctf"]))
-            for group in np.unique(columns["optics_group"][index]):
+            for group in ([] if search is not None else np.unique(columns["optics_group"][index])):
                 members = np.flatnonzero(columns["optics_group"][index] == group)
                 optics = store.optics[group]
                 for start in range(0, len(members), BATCH):
