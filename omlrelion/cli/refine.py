@@ -42,6 +42,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="order from which each particle is searched locally around its pose (default 4)")
     p.add_argument("--max_healpix_order", type=int, default=5,
                    help="finest order the schedule goes to after iterations without resolution gain (default 5)")
+    p.add_argument("--particle_diameter", type=float, default=None,
+                   help="particle diameter in A: sets the first pass's coarse image size (default (N - 5) apix)")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
@@ -100,7 +102,7 @@ def main(args: argparse.Namespace) -> dict:
     opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
                          offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=1,
                          batch=args.batch, oversampling=args.oversampling, max_order=args.max_healpix_order,
-                         auto_local_order=args.auto_local_healpix_order)
+                         auto_local_order=args.auto_local_healpix_order, particle_diameter_A=args.particle_diameter)
     state, first = None, 1
     if args.resume is not None:
         state, first, halves = _resume(args.resume, particles.n_particles)

@@ -14,8 +14,10 @@ Sampling schedule (reduced 5.5): after an iteration without resolution gain the 
 up by one, to `max_order`; from `auto_local_order` on, each particle is searched within 3 sigma of
 its last pose (sigma = 2 fine steps). `final=True` runs RELION's last iteration on all data.
 
-What this loop does not do yet (spec `relion-refinement.md`): the coarse image size of the first
-pass, the random perturbation, the offset-range update and the pose-change and accuracy
+The first pass of a global search runs on RELION's coarse image size (`coarse_size`), the second on
+the current size.
+
+What this loop does not do yet (spec `relion-refinement.md`): the random perturbation, the offset-range update and the pose-change and accuracy
 conditions of the schedule, convergence (5.4, 5.6, 5.7), masked images, solvent flattening, norm
 and scale corrections, re-centring on the previous offsets and symmetry. `omlrelion refine`
 (`cli/refine.py`) writes RELION's file names.
@@ -72,6 +74,7 @@ class RefineOptions:
     schedule: bool = True            # finer HEALPix order after an iteration without resolution gain
     max_order: int = 5               # ... up to this order
     auto_local_order: int = 4        # from this order on, local searches around each particle's pose
+    particle_diameter_A: float | None = None   # sets the first pass's coarse image size; None: (N - 5) apix
 
 
 @dataclass
@@ -127,6 +130,13 @@ def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
     r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2)
     f[r > n * angpix / resolution_A] = 0
     return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
+
+
+def coarse_size(box_size: int, angpix: float, current_size: int, order: int, particle_diameter_A: float) -> int:
+    """RELION's image size of the first (coarse) pass: 2 ceil(N apix / d_c), d_c = (step / 360) pi D / 1.2
+    with the coarse angular step of the order, at most the current size (spec 3.7)."""
+    d_c = angular_step(order) / 360.0 * np.pi * particle_diameter_A / 1.2
+    return int(min(current_size, 2 * int(np.ceil(box_size * angpix / d_c))))
 
 
 def _local_particle(state: RefineState, i: int, vft, image, ctf, noise_w, pix, sampling, log_prior_t,
@@ -201,8 +211,17 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             inv = 1.0 / sig[np.minimum(shells_c, len(sig) - 1)]
             with device.use():
                 vft = xp.asarray(volume_to_ftc(state.maps[h - 1], pad=opts.pad, r_max=r_max).astype(cplx))
-                proj = None if state.local else extract_slices(vft, xp.asarray(rotations), box_size=c, pad=opts.pad,
-                                                               r_padded=grid.r_padded)
+                cc = c if state.local or opts.oversampling <= 0 else coarse_size(
+                    n, optics.angpix, c, state.order, opts.particle_diameter_A or (n - 5) * optics.angpix)
+                proj_c = proj = None
+                if not state.local:
+                    proj_c = extract_slices(vft, xp.asarray(rotations), box_size=cc, pad=opts.pad,
+                                            r_padded=grid.r_padded)
+                    if cc == c or opts.oversampling <= 0:
+                        proj = proj_c
+                pix_c = HalfPlanePixels.of(cc)
+                noise_c = xp.asarray((1.0 / sig[np.minimum(shell_index(cc), len(sig) - 1)]).ravel()[pix_c.index],
+                                     dtype=real)
                 data = xp.zeros(grid.shape, dtype=cplx)
                 weight = xp.zeros(grid.shape, dtype=real)
                 noise_w = xp.asarray(inv.ravel()[pix.index], dtype=real)
@@ -223,8 +242,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                                                           eul, sh, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
                                                           projections=pr, angpix=optics.angpix))
                         continue
-                    e = expectation(proj, x, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
-                                    adaptive_fraction=opts.adaptive_fraction)
+                    if cc < c:          # the first pass on the coarse image size (spec 3.7)
+                        e = expectation(proj_c, xp.asarray(window_2d(images_ft[sel], cc).astype(cplx)),
+                                        xp.asarray(window_2d(ctf_full[sel], cc).astype(real)), noise_c, shifts, pix_c,
+                                        box_size=n, log_prior=prior, adaptive_fraction=opts.adaptive_fraction)
+                    else:
+                        e = expectation(proj, x, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
+                                        adaptive_fraction=opts.adaptive_fraction)
                     if opts.oversampling <= 0:
                         state.eulers[sel] = eulers[e.best_orientation]
                         state.shifts_px[sel] = shifts[e.best_shift]
@@ -263,7 +287,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         state.last_sums, state.last_grid = sums, grid
         state.history.append({"r_max": r_max, "current_size": c, "fsc": curve.tolist(), "r_star": state.r_star,
                               "resolution_A": n * optics.angpix / state.r_star, "ave_pmax": float(state.pmax.mean()),
-                              "halves": spectra, "healpix_order": state.order, "local": state.local})
+                              "halves": spectra, "healpix_order": state.order, "local": state.local,
+                              "coarse_size": cc})
         log.info("refine iteration %d: r_max %d, resolution %.2f A, <Pmax> %.3f", len(state.history), r_max,
                  n * optics.angpix / state.r_star, state.pmax.mean())
     return state

@@ -88,3 +88,18 @@ def test_refinement_on_gpu_finds_the_cpu_poses(rng):
     assert same.mean() > 0.9                          # float32 may break near-ties differently
     rel = np.linalg.norm(gpu.maps[0] - cpu.maps[0]) / np.linalg.norm(cpu.maps[0])
     assert rel < 0.05
+
+
+def test_coarse_size_follows_relion_and_the_first_pass_may_use_it(rng):
+    from omlrelion.refine.autorefine import coarse_size
+
+    # the spec's example: N 256, 1 A/px, D 200 A, order 2 -> 24 px in the first pass
+    assert coarse_size(256, 1.0, 256, 2, 200.0) == 24
+    assert coarse_size(256, 1.0, 20, 2, 200.0) == 20                    # never above the current size
+    truth, rotations, _, optics, ctf, images, halves = _simulated(rng, 100, snr=2.0)
+    opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
+                         n_iter=2, batch=50, schedule=False, particle_diameter_A=300.0)
+    state = refine(images, ctf, optics, halves, truth, opts)
+    assert all(h["coarse_size"] < h["current_size"] for h in state.history)
+    cos = (np.einsum("mij,mij->m", euler_to_matrix(state.eulers), rotations) - 1) / 2
+    assert np.median(np.degrees(np.arccos(np.clip(cos, -1, 1)))) < 12.0
