@@ -308,9 +308,9 @@ def _search_shard(store, index, columns, ref_ftc, grid: PaddedGrid, search: dict
     points) against the half map's projector, and its posterior-weighted back-projection with
     RELION's 1/sigma2 weights. sigma2 per shell comes from the shard's own images (spec 5.9).
     Returns (data, weight, best eulers, best shifts, Pmax) on `device` / the host."""
-    from omlrelion.refine.autorefine import initial_sigma2, window_2d
-    from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass, offset_log_prior
-    from omlrelion.refine.maximization import accumulate, shell_index
+    from omlrelion.refine.autorefine import fine_pass_batch, initial_sigma2, window_2d
+    from omlrelion.refine.expectation import HalfPlanePixels, expectation, offset_log_prior
+    from omlrelion.refine.maximization import inverse_sigma2_plane
     from omlrelion.refine.sampling import Sampling
 
     xp = device.xp
@@ -319,13 +319,11 @@ def _search_shard(store, index, columns, ref_ftc, grid: PaddedGrid, search: dict
     n, c = store.box_size, min(store.box_size, 2 * grid.r_max)
     sampling = Sampling(int(search["pose_search_order"]), float(search["offset_range_px"]),
                         float(search["offset_step_px"]))
-    eulers_grid, shifts_grid = sampling.eulers(), sampling.shifts
-    proj = extract_slices(ref_ftc, xp.asarray(euler_to_matrix(eulers_grid)), box_size=c, pad=grid.pad,
+    proj = extract_slices(ref_ftc, xp.asarray(euler_to_matrix(sampling.eulers())), box_size=c, pad=grid.pad,
                           r_padded=grid.r_padded)
     pix = HalfPlanePixels.of(c)
     images_ft = rfft2_centred(store.read_images(index).astype(np.float64))
-    sigma2 = initial_sigma2(images_ft)
-    inv = 1.0 / sigma2[np.minimum(shell_index(c), len(sigma2) - 1)]
+    inv = inverse_sigma2_plane(initial_sigma2(images_ft), c)
     noise_w, inv_d = xp.asarray(inv.ravel()[pix.index], dtype=real), xp.asarray(inv, dtype=real)
     data = xp.zeros(grid.shape, dtype=cplx)
     weight = xp.zeros(grid.shape, dtype=real)
@@ -339,14 +337,13 @@ def _search_shard(store, index, columns, ref_ftc, grid: PaddedGrid, search: dict
             ctf = (window_2d(ctf_2d(optics, _ctf_params(store, index[sel], columns), dtype=np.float64), c)
                    if apply_ctf else np.ones((len(sel), c, c // 2 + 1)))
             ct = xp.asarray(ctf.astype(real))
-            prior = offset_log_prior(np.zeros((len(sel), 2)), shifts_grid, angpix=store.angpix, sigma_offset_A=10.0)
-            e = expectation(proj, x, ct, noise_w, shifts_grid, pix, box_size=n, log_prior=xp.asarray(prior)[:, :, None])
-            for j, i in enumerate(sel):
-                f = fine_pass(ref_ftc, x[j], ct[j], noise_w, pix, sampling, e.posterior[j], shifts_grid, box_size=n,
-                              pad=grid.pad, r_padded=grid.r_padded, log_prior_t=prior[j])
-                eulers[i], shifts[i], pmax[i] = f.best_euler, f.best_shift, f.pmax
-                accumulate(data, weight, x[j:j + 1], ct[j:j + 1], inv_d, f.posterior[None], f.eulers, f.shifts_px,
-                           box_size=n, pad=grid.pad, r_padded=grid.r_padded)
+            prior = offset_log_prior(np.zeros((len(sel), 2)), sampling.shifts, angpix=store.angpix,
+                                     sigma_offset_A=10.0)
+            e = expectation(proj, x, ct, noise_w, sampling.shifts, pix, box_size=n,
+                            log_prior=xp.asarray(prior)[:, :, None])
+            eulers[sel], shifts[sel], pmax[sel], _, _ = fine_pass_batch(
+                ref_ftc, x, ct, noise_w, pix, sampling, e.posterior, prior, data, weight, inv_d, box_size=n,
+                pad=grid.pad, r_padded=grid.r_padded, noise_sums=False)
     return data, weight, eulers, shifts, pmax
 
 

@@ -48,6 +48,7 @@ from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass, offset_log_prior
 from omlrelion.refine.maximization import (
     accumulate,
+    inverse_sigma2_plane,
     shell_index,
     update_sigma2,
     update_sigma_offset,
@@ -132,6 +133,29 @@ def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
     return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
 
 
+def fine_pass_batch(vft, images, ctf, noise_weight, pixels, sampling, coarse_posterior, log_prior_t, data, weight,
+                    inv_sigma2, *, box_size: int, pad: float, r_padded: int, adaptive_fraction: float = 0.999,
+                    ov: int = 1, noise_sums: bool = True, angpix: float = 1.0):
+    """RELION's second pass for every particle of a batch, each back-projected into (data, weight).
+
+    images, ctf: (B, c, c//2+1) on the current window; coarse_posterior (B, T, R) of the first pass on
+    `sampling`'s grid; log_prior_t (B, T) host array. With `noise_sums`, the M-step's noise sums are
+    made too. Returns (eulers (B, 3), shifts (B, 2), pmax (B,), n_significant (B,), list of sums).
+    """
+    b = len(images)
+    eulers, shifts = np.zeros((b, 3)), np.zeros((b, 2))
+    pmax, n_sig, sums = np.zeros(b), np.zeros(b, dtype=np.int64), []
+    for j in range(b):
+        f = fine_pass(vft, images[j], ctf[j], noise_weight, pixels, sampling, coarse_posterior[j], sampling.shifts,
+                      box_size=box_size, pad=pad, r_padded=r_padded, log_prior_t=log_prior_t[j],
+                      adaptive_fraction=adaptive_fraction, ov=ov)
+        eulers[j], shifts[j], pmax[j], n_sig[j] = f.best_euler, f.best_shift, f.pmax, f.n_significant
+        sums.append(accumulate(data, weight, images[j:j + 1], ctf[j:j + 1], inv_sigma2, f.posterior[None], f.eulers,
+                               f.shifts_px, box_size=box_size, pad=pad, r_padded=r_padded,
+                               projections=f.projections if noise_sums else None, angpix=angpix))
+    return eulers, shifts, pmax, n_sig, sums
+
+
 def coarse_size(box_size: int, angpix: float, current_size: int, order: int, particle_diameter_A: float) -> int:
     """RELION's image size of the first (coarse) pass: 2 ceil(N apix / d_c), d_c = (step / 360) pi D / 1.2
     with the coarse angular step of the order, at most the current size (spec 3.7)."""
@@ -203,12 +227,11 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         c = min(n, 2 * r_max)
         grid = PaddedGrid(n, opts.pad, r_max)
         pix = HalfPlanePixels.of(c)
-        shells_c = shell_index(c)
         sums, stats = [], []
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
             sig = state.sigma2[h - 1]
-            inv = 1.0 / sig[np.minimum(shells_c, len(sig) - 1)]
+            inv = inverse_sigma2_plane(sig, c)
             with device.use():
                 vft = xp.asarray(volume_to_ftc(state.maps[h - 1], pad=opts.pad, r_max=r_max).astype(cplx))
                 cc = c if state.local or opts.oversampling <= 0 else coarse_size(
@@ -220,8 +243,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                     if cc == c or opts.oversampling <= 0:
                         proj = proj_c
                 pix_c = HalfPlanePixels.of(cc)
-                noise_c = xp.asarray((1.0 / sig[np.minimum(shell_index(cc), len(sig) - 1)]).ravel()[pix_c.index],
-                                     dtype=real)
+                noise_c = xp.asarray(inverse_sigma2_plane(sig, cc).ravel()[pix_c.index], dtype=real)
                 data = xp.zeros(grid.shape, dtype=cplx)
                 weight = xp.zeros(grid.shape, dtype=real)
                 noise_w = xp.asarray(inv.ravel()[pix.index], dtype=real)
@@ -258,16 +280,12 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                                                       box_size=n, pad=opts.pad, r_padded=grid.r_padded,
                                                       projections=proj, angpix=optics.angpix))
                         continue
-                    for j, i in enumerate(sel):
-                        f = fine_pass(vft, x[j], ct[j], noise_w, pix, sampling, e.posterior[j], shifts, box_size=n,
-                                      pad=opts.pad, r_padded=grid.r_padded, log_prior_t=to_numpy(prior[j, :, 0]),
-                                      adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling)
-                        state.eulers[i], state.shifts_px[i] = f.best_euler, f.best_shift
-                        state.pmax[i], state.n_significant[i] = f.pmax, f.n_significant
-                        batch_stats.append(accumulate(data, weight, x[j:j + 1], ct[j:j + 1], inv_d, f.posterior[None],
-                                                      f.eulers, f.shifts_px, box_size=n, pad=opts.pad,
-                                                      r_padded=grid.r_padded, projections=f.projections,
-                                                      angpix=optics.angpix))
+                    found = fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, to_numpy(prior[:, :, 0]),
+                                            data, weight, inv_d, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
+                                            adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling,
+                                            angpix=optics.angpix)
+                    state.eulers[sel], state.shifts_px[sel], state.pmax[sel], state.n_significant[sel] = found[:4]
+                    batch_stats.extend(found[4])
                 hermitian_repair(data, weight)
                 sums.append((to_numpy(data).astype(np.complex128), to_numpy(weight).astype(np.float64)))
             stats.append(batch_stats)

@@ -29,6 +29,12 @@ def shell_index(n: int) -> np.ndarray:
     return np.rint(np.sqrt(kx**2 + ky**2)).astype(np.int64)
 
 
+def inverse_sigma2_plane(sigma2, n: int) -> np.ndarray:
+    """1/sigma2(round(|k|)) on the (n, n//2+1) half plane; shells past the array take its last value."""
+    sigma2 = np.asarray(sigma2, dtype=np.float64)
+    return 1.0 / sigma2[np.minimum(shell_index(n), len(sigma2) - 1)]
+
+
 def phase_ramps(shifts_px, n: int, box_size: int, xp, dtype):
     """(T, n, n//2+1) exp(-2 pi i k.t / N) for trial shifts t (x, y) in pixels of the box N."""
     ky = xp.asarray(signed_freqs(n, np), dtype=np.float64)[:, None]
@@ -112,4 +118,4 @@ def update_sigma_offset(sums_list, *, floor_A2: float = 2.0) -> float:
     return math.sqrt(max(value, floor_A2))
 
 
-__all__ = ["accumulate", "phase_ramps", "shell_index", "update_sigma2", "update_sigma_offset"]
+__all__ = ["accumulate", "inverse_sigma2_plane", "phase_ramps", "shell_index", "update_sigma2", "update_sigma_offset"]
