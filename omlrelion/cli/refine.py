@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> dict:
         raise InputError(f"{args.root}: output folder {folder} does not exist")
     device = parse_device(args.device)[0]
     images = _load_images(particles)
-    ctf = _ctf(particles)
+    ctf = particles.ctf_params()
     halves = _halves(particles, args.seed)
     opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
                          offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=1,
@@ -132,13 +132,6 @@ def main(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _ctf(particles):
-    from omlrelion.ctf.ctf import CtfParams
-
-    return CtfParams(particles.defocus_u, particles.defocus_v, particles.defocus_angle_deg,
-                     particles.phase_shift_deg, particles.ctf_bfactor, particles.ctf_scale)
-
-
 def _model(entry: dict, optics, grid) -> dict:
     n, apix = optics.box_size, optics.angpix
     return {"box_size": n, "angpix": apix, "pad": grid.pad, "r_max": entry["r_max"],
@@ -150,11 +143,7 @@ def _write_data(path, state, particles, halves) -> None:
     table = particles.table.copy()
     table["rlnMaxValueProbDistribution"] = state.pmax
     table["rlnNrOfSignificantSamples"] = state.n_significant
-    folder = Path(path).resolve().parent
-    import os
-
-    table["rlnImageName"] = [f"{k + 1:06d}@{os.path.relpath(s, folder)}"
-                             for k, s in zip(particles.image_indices, particles.image_stacks)]
+    table["rlnImageName"] = particles.image_names_relative_to(Path(path).parent)
     write_particles(path, replace(particles, table=table, eulers_deg=state.eulers.copy(),
                                   shifts_px=state.shifts_px.copy(), random_subset=halves))
 

@@ -121,6 +121,19 @@ class ParticleSet:
         """Number of particles n."""
         return len(self.image_indices)
 
+    def ctf_params(self, index=slice(None)):
+        """The CTF parameters of the particles `index` (all by default) as `ctf.ctf.CtfParams`."""
+        from omlrelion.ctf.ctf import CtfParams
+
+        return CtfParams(self.defocus_u[index], self.defocus_v[index], self.defocus_angle_deg[index],
+                         self.phase_shift_deg[index], self.ctf_bfactor[index], self.ctf_scale[index])
+
+    def image_names_relative_to(self, folder) -> list[str]:
+        """rlnImageName values `k@stack` with each stack path relative to `folder` (where a written
+        STAR file will sit), so that RELION's rule resolves them from that file."""
+        folder = Path(folder).resolve()
+        return [f"{k + 1:06d}@{os.path.relpath(s, folder)}" for k, s in zip(self.image_indices, self.image_stacks)]
+
     def select(self, mask_or_indices) -> ParticleSet:
         """Subset of the rows: a boolean mask of length n, or 0-based indices (order kept)."""
         sel = np.asarray(mask_or_indices)

@@ -18,7 +18,6 @@ import numpy as np
 
 import omlrelion
 from omlrelion.backend import Device, memory_report, to_numpy
-from omlrelion.ctf.ctf import CtfParams
 from omlrelion.errors import InputError
 from omlrelion.fourier.symmetrise import hermitian_repair, symmetrise
 from omlrelion.geometry.euler import euler_to_matrix
@@ -109,11 +108,6 @@ def _batches(particles: ParticleSet, batch_size: int):
         start = stop
 
 
-def _ctf_params(particles: ParticleSet, idx) -> CtfParams:
-    return CtfParams(particles.defocus_u[idx], particles.defocus_v[idx], particles.defocus_angle_deg[idx],
-                     particles.phase_shift_deg[idx], particles.ctf_bfactor[idx], particles.ctf_scale[idx])
-
-
 def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: ReconstructOptions,
                 *, angpix: float, dtype, timings: dict, show_progress: bool = True):
     """Read every particle and insert it into new padded sums on `device`; returns (data, weight)."""
@@ -160,7 +154,7 @@ def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: 
                     del images
                     rotations = euler_to_matrix(particles.eulers_deg[idx])
                     insert_particles(data, weight, imgs, rotations, particles.shifts_px[idx], optics,
-                                     _ctf_params(particles, idx), mode=opts.ctf,
+                                     particles.ctf_params(idx), mode=opts.ctf,
                                      pad=grid.pad * scale, r_padded=grid.r_padded, nn=opts.nn,
                                      fom=particles.fom[idx] if opts.fom_weighting else None)
                 device.synchronize()

@@ -56,7 +56,7 @@ from omlrelion.reconstruct.fsc import MINRES_MAP, fsc, fsc_from_sums, resolution
 from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
 from omlrelion.refine.outputs import write_model_star
-from omlrelion.units import r_max_for_resolution, relion_round
+from omlrelion.units import r_max_for_resolution
 
 log = logging.getLogger(__name__)
 
@@ -753,9 +753,7 @@ def export_particles(star_path, store_path, poses_paths, out_star, out_png, *, i
     subset = np.zeros(particles.n_particles, dtype=np.int64)
     subset[rows] = halves
     table = particles.table.copy()  # image names relative to run_data.star's folder
-    folder = Path(out_star).resolve().parent
-    table["rlnImageName"] = [f"{k + 1:06d}@{os.path.relpath(s, folder)}"
-                             for k, s in zip(particles.image_indices, particles.image_stacks)]
+    table["rlnImageName"] = particles.image_names_relative_to(Path(out_star).parent)
     write_particles(out_star, replace(particles, table=table, eulers_deg=eulers, shifts_px=shifts_a / pix,
                                       random_subset=subset))
     plt = _pyplot()
