@@ -40,6 +40,7 @@ from omlrelion.reconstruct.gridding import (
     BLOB_ALPHA,
     BLOB_RADIUS,
     add_map_term,
+    blob_real_space,
     blob_table,
 )
 from omlrelion.units import relion_round
@@ -639,7 +640,7 @@ class _RealSpaceBlob:
         with device.use():
             if self.kernel == "relion":
                 self.table = xp.asarray(blob_table(), dtype=real)
-                self.norm = grid.box_size * grid.pad / (grid.size / n)
+                self.box_size, self.pad, self.scale = grid.box_size, grid.pad, grid.size / n
                 return
             offsets, weights = compact_stencil(grid)
             reach = int(np.abs(offsets).max())
@@ -657,7 +658,7 @@ class _RealSpaceBlob:
 
     def multiply(self, m, z0: int) -> None:
         if self.kernel == "relion":
-            _multiply_blob(m, self.table, self.n, z0, self.norm)
+            _multiply_blob(m, self.table, self.n, z0, box_size=self.box_size, pad=self.pad, scale=self.scale)
             return
         xp = self.xp
         rz = self.r[z0:z0 + len(m)]
@@ -717,19 +718,14 @@ class _DirectStencil:
             return out
 
 
-def _multiply_blob(m, table, n: int, z0: int, norm: float) -> None:
-    """m *= T(|r| / norm) on the real planes z0 .. z0+len(m) of a side-n grid (RELION's floor lookup)."""
+def _multiply_blob(m, table, n: int, z0: int, *, box_size: int, pad: float, scale: float) -> None:
+    """m *= T(|r| scale / (N pad)) on the real planes z0 .. z0+len(m) of a side-n grid (RELION's table
+    and floor lookup: `gridding.blob_real_space` on the host, a fused kernel on GPUs)."""
     xp = get_xp(m)
     if xp is not np:
-        _cuda_blob_kernel()(table, np.int32(n), np.int64(z0), np.float64(norm), m)
+        _cuda_blob_kernel()(table, np.int32(n), np.int64(z0), np.float64(box_size * pad / scale), m)
         return
-    i = np.arange(n)
-    r = np.where(i < n // 2, i, i - n).astype(np.float64)
-    rz = np.where(np.arange(z0, z0 + len(m)) < n // 2, np.arange(z0, z0 + len(m)),
-                  np.arange(z0, z0 + len(m)) - n).astype(np.float64)
-    rho = np.sqrt(rz[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) / norm
-    idx = np.floor(rho / 5e-5).astype(np.int64)
-    m *= np.where(idx < 10000, table[np.minimum(idx, 9999)], 0)
+    m *= blob_real_space(n, box_size, pad, np, m.dtype, scale=scale, planes=np.arange(z0, z0 + len(m)))
 
 
 _KERNELS: dict = {}
