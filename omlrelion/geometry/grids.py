@@ -28,10 +28,12 @@ def rfft_freqs(n: int, xp):
     return xp.arange(n // 2 + 1, dtype=xp.int32)
 
 
-def radial_distance(n: int, xp, *, dtype=None):
-    """(n, n, n) distance in voxels of every voxel from the box centre n//2."""
+def radial_distance(n: int, xp, *, dtype=None, z_range=None):
+    """(n, n, n) distance in voxels of every voxel from the box centre n//2 (only the z-planes
+    z_range[0] .. z_range[1]-1 when given)."""
     c = xp.arange(n, dtype=dtype or xp.float64) - n // 2
-    return xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    cz = c if z_range is None else c[z_range[0]:z_range[1]]
+    return xp.sqrt(cz[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from omlrelion.backend import Device, fft_module, get_xp, is_gpu_array, to_numpy
-from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.geometry.grids import PaddedGrid, radial_distance
 from omlrelion.reconstruct.gridding import (
     BLOB_ALPHA,
     BLOB_RADIUS,
     add_map_term,
     blob_real_space,
     blob_table,
+    soft_edge,
 )
 from omlrelion.units import relion_round
 
@@ -493,7 +494,7 @@ class ColumnEngine:
             xp = dev.xp
             m = fft_module(xp).irfft2(planes, s=(q, q), axes=(1, 2), norm="forward")[:, lo:lo + n_box, lo:lo + n_box]
             m = m / m.dtype.type(scale)
-            c = _mask_profile(xp, n_box, z0 - lo, z1 - lo)
+            c = soft_edge(radial_distance(n_box, xp, z_range=(z0 - lo, z1 - lo)), radius=n_box / 2)
             part = xp.stack([(c * m.astype(xp.float64)).sum(), c.sum()])
             sums[e] = part if e not in sums else sums[e] + part
             _to_host(m, volume[z0 - lo:z1 - lo])
@@ -510,9 +511,10 @@ class ColumnEngine:
             xp = dev.xp
             with dev.use():
                 v = xp.asarray(volume[z0:z1]).astype(xp.float64)
-                c = _mask_profile(xp, n_box, z0, z1)
+                r = radial_distance(n_box, xp, z_range=(z0, z1))
+                c = soft_edge(r, radius=n_box / 2)
                 v = (1 - c) * v + c * background
-                s = xp.sinc(_radius(xp, n_box, z0, z1) / (n_box * grid.pad))
+                s = xp.sinc(r / (n_box * grid.pad))
                 _to_host((v / (s * s)).astype(volume.dtype), volume[z0:z1])
         _sync(self.devices)
         return volume
@@ -593,20 +595,6 @@ def _to_host(a, out) -> None:
         a.get(out=out, blocking=False)
     else:
         out[...] = a
-
-
-def _radius(xp, n: int, z0: int, z1: int):
-    c = xp.arange(n, dtype=xp.float64) - n // 2
-    zc = xp.arange(z0, z1, dtype=xp.float64) - n // 2
-    return xp.sqrt(zc[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-
-
-def _mask_profile(xp, n: int, z0: int, z1: int, width: float = 3.0):
-    """RELION's softMaskOutsideMap weight c (0 inside radius n/2, raised cosine, 1 outside) on planes z0..z1."""
-    r = _radius(xp, n, z0, z1)
-    radius = n / 2
-    outer = radius + width
-    return xp.where(r < radius, 0.0, xp.where(r > outer, 1.0, 0.5 + 0.5 * xp.cos(np.pi * (outer - r) / width)))
 
 
 def compact_stencil(grid: PaddedGrid):

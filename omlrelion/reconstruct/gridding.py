@@ -272,13 +272,18 @@ def shell_floor_weights(weights, r2s, *, grid: PaddedGrid, devices=None):
     return out
 
 
+def soft_edge(r, *, radius: float, width: float = 3.0):
+    """RELION's softMaskOutsideMap weight at distances r: 0 inside `radius`, a raised cosine over
+    `width` voxels, 1 outside."""
+    xp = get_xp(r)
+    outer = radius + width
+    return xp.where(r < radius, 0.0, xp.where(r > outer, 1.0, 0.5 + 0.5 * xp.cos(np.pi * (outer - r) / width)))
+
+
 def soft_mask_outside(volume, *, radius: float, width: float = 3.0):
     """RELION's softMaskOutsideMap: raised-cosine edge, outside filled with the rim mean (in place)."""
     xp = get_xp(volume)
-    n = volume.shape[0]
-    r = radial_distance(n, xp, dtype=xp.float64)
-    outer = radius + width
-    c = xp.where(r < radius, 0.0, xp.where(r > outer, 1.0, 0.5 + 0.5 * xp.cos(np.pi * (outer - r) / width)))
+    c = soft_edge(radial_distance(volume.shape[0], xp, dtype=xp.float64), radius=radius, width=width)
     v = volume.astype(xp.float64)
     background = float((c * v).sum() / c.sum())
     volume[...] = ((1 - c) * v + c * background).astype(volume.dtype)
