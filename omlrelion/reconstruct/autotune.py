@@ -51,8 +51,7 @@ from omlrelion.reconstruct.calibration import load_calibration as load_calibrati
 from omlrelion.reconstruct.calibration import save_calibration as save_calibration
 from omlrelion.reconstruct.memory_model import (
     MemoryEstimate,
-    _disc_columns,
-    _sphere_count,
+    _sphere_counts,
     memory_estimate,
     memory_per_device,
 )
@@ -153,8 +152,7 @@ def predict_seconds(plan: Plan, grid: PaddedGrid, calibration: dict, *, n_iter: 
             + N ** 3 * _MASK_BYTES / bw
         return setup + n_iter * per_iter + final
     n = plan.fft_size
-    npk = _sphere_count(P, grid.r2_sphere)
-    n_columns = _disc_columns(P, grid.r2_sphere)
+    npk, n_columns = _sphere_counts(P, grid.r2_sphere)
     if plan.convolution == "direct":
         from omlrelion.reconstruct.columns import compact_stencil
 

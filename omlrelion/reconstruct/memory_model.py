@@ -102,20 +102,12 @@ class MemoryEstimate:
 
 
 @functools.lru_cache(maxsize=256)
-def _sphere_count(size: int, r2_max: int) -> int:
-    """Voxels of the FFTW-layout half grid of side `size` with |k|^2 <= r2_max."""
+def _sphere_counts(size: int, r2_max: int) -> tuple[int, int]:
+    """(voxels, (ky, kx) columns) of the FFTW-layout half grid of side `size` with |k|^2 <= r2_max."""
     from omlrelion.reconstruct.columns import ColumnLayout
 
     _, _, half_len = ColumnLayout(size, r2_max, 1).all_columns()
-    return int((2 * half_len + 1).sum())
-
-
-@functools.lru_cache(maxsize=256)
-def _disc_columns(size: int, r2_max: int) -> int:
-    """(ky, kx) columns of the half grid holding a voxel with |k|^2 <= r2_max."""
-    from omlrelion.reconstruct.columns import ColumnLayout
-
-    return len(ColumnLayout(size, r2_max, 1).all_columns()[0])
+    return int((2 * half_len + 1).sum()), len(half_len)
 
 
 class _Replay:
@@ -408,7 +400,7 @@ class _Replay:
         """Voxels with |k|^2 < round((r_max pad)^2) (the shells of the no-gridding floor)."""
         g = self.grid
         limit = relion_round((g.r_max * g.pad) ** 2)
-        return _sphere_count(g.size, max(limit - 1, 0))
+        return _sphere_counts(g.size, max(limit - 1, 0))[0]
 
 
 def memory_estimate(plan: Plan, grid: PaddedGrid, real_dtype=np.float32, *, backend: str = "cupy",
