@@ -15,6 +15,7 @@ drops. Other point groups are refused with a message naming them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -146,40 +147,60 @@ class Sampling:
     offset_step_px: float
     symmetry: str = "C1"
 
-    @property
-    def directions(self) -> np.ndarray:
-        d = healpix_directions(self.order)
-        return d[asymmetric_unit(d, self.symmetry)]
+    # the tables are made once per Sampling (a local search reads them for every particle), read-only
+    @cached_property
+    def _kept(self) -> np.ndarray:
+        return asymmetric_unit(healpix_directions(self.order), self.symmetry)
 
-    @property
+    @cached_property
+    def directions(self) -> np.ndarray:
+        return _frozen(healpix_directions(self.order)[self._kept])
+
+    @cached_property
     def direction_pixels(self) -> np.ndarray:
         """The NESTED pixel index of each kept direction (what oversampling refines)."""
-        return np.flatnonzero(asymmetric_unit(healpix_directions(self.order), self.symmetry))
+        return np.flatnonzero(self._kept)
 
-    @property
+    @cached_property
+    def direction_units(self) -> np.ndarray:
+        """(n_dir, 3) unit vectors of the kept directions."""
+        return _unit_vectors(self.directions[:, 0], self.directions[:, 1])
+
+    @cached_property
     def psi(self) -> np.ndarray:
-        return psi_angles(self.order)
+        return _frozen(psi_angles(self.order))
 
-    @property
+    @cached_property
     def shifts(self) -> np.ndarray:
-        return translations(self.offset_range_px, self.offset_step_px)
+        return _frozen(translations(self.offset_range_px, self.offset_step_px))
+
+    @cached_property
+    def _eulers(self) -> np.ndarray:
+        d, p = self.directions, self.psi
+        return _frozen(np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))]))
 
     def eulers(self) -> np.ndarray:
         """(n_dir n_psi, 3) rot, tilt, psi; psi varies fastest (RELION's orientation order)."""
-        d, p = self.directions, self.psi
-        return np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))])
+        return self._eulers
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _unit_vectors(rot_deg, tilt_deg) -> np.ndarray:
+    r, t = np.radians(rot_deg), np.radians(tilt_deg)
+    return np.stack([np.sin(t) * np.cos(r), np.sin(t) * np.sin(r), np.cos(t)], axis=-1)
 
 
 def local_orientations(sampling: Sampling, prior_euler, sigma_deg: float):
     """A local search's orientations (spec 3.5): indices into `sampling.eulers()` whose direction lies
     within 3 sigma (great-circle angle) of the prior's and whose psi within 3 sigma of its psi, with
     the Gaussian log prior of each (direction and psi terms). The nearest one is kept if none is."""
-    d, psi = sampling.directions, sampling.psi
-    r, t = np.radians(d[:, 0]), np.radians(d[:, 1])
-    units = np.stack([np.sin(t) * np.cos(r), np.sin(t) * np.sin(r), np.cos(t)], axis=1)
-    pr, pt = np.radians(prior_euler[0]), np.radians(prior_euler[1])
-    p_unit = np.array([np.sin(pt) * np.cos(pr), np.sin(pt) * np.sin(pr), np.cos(pt)])
-    angle = np.degrees(np.arccos(np.clip(units @ p_unit, -1, 1)))
+    psi = sampling.psi
+    p_unit = _unit_vectors(prior_euler[0], prior_euler[1])
+    angle = np.degrees(np.arccos(np.clip(sampling.direction_units @ p_unit, -1, 1)))
     dpsi = np.abs((psi - prior_euler[2] + 180.0) % 360.0 - 180.0)
     keep_d, keep_p = np.flatnonzero(angle < 3 * sigma_deg), np.flatnonzero(dpsi < 3 * sigma_deg)
     if not len(keep_d):
