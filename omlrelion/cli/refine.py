@@ -100,18 +100,20 @@ def main(args: argparse.Namespace) -> dict:
     ctf = particles.ctf_params()
     halves = _halves(particles, args.seed)
     opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
-                         offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=1,
+                         offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=args.iter,
                          batch=args.batch, oversampling=args.oversampling, max_order=args.max_healpix_order,
                          auto_local_order=args.auto_local_healpix_order, particle_diameter_A=args.particle_diameter)
-    state, first = None, 1
+    state = None
     if args.resume is not None:
-        state, first, halves = _resume(args.resume, particles.n_particles)
-    for it in range(first, first + args.iter):
-        state = refine(images, ctf, optics, halves, start, opts, device=device, state=state)
-        _write_iteration(args.root, it, state, particles, halves, optics, write_model_star)
+        state, halves = _resume(args.resume, particles.n_particles)
+    # the iteration number is the length of the history, which a resumed state carries on
+    state = refine(images, ctf, optics, halves, start, opts, device=device, state=state,
+                   on_iteration=lambda st: _write_iteration(args.root, len(st.history), st, particles, halves, optics,
+                                                            write_model_star))
     # RELION's final iteration: every particle aligned once more against its half map on all the data
     # up to Nyquist, then the halves' sums joined (tau2 from the full-data FSC) and the unfiltered halves
-    state = refine(images, ctf, optics, halves, start, opts, device=device, state=state, final=True)
+    state = refine(images, ctf, optics, halves, start, replace(opts, n_iter=1), device=device, state=state,
+                   final=True)
     (d1, w1), (d2, w2) = state.last_sums
     grid, last = state.last_grid, state.history[-1]
     tau2, sigma2, ssnr = tau2_from_fsc(w1 + w2, last["fsc"], grid=grid, whole_data=True)
@@ -186,4 +188,4 @@ def _resume(path: Path, n_particles: int):
                         pmax=np.zeros(n_particles), n_significant=np.zeros(n_particles, dtype=np.int64),
                         history=list(saved["history"]), order=int(saved["healpix_order"]),
                         local=bool(saved["local"]), iter_wo_gain=int(saved["iter_wo_gain"]))
-    return state, int(saved["iteration"]) + 1, halves
+    return state, halves

@@ -189,11 +189,13 @@ def _local_particle(state: RefineState, i: int, vft, image, ctf, noise_w, pix, s
 
 
 def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
-           device: Device = Device(), state: RefineState | None = None, final: bool = False) -> RefineState:
+           device: Device = Device(), state: RefineState | None = None, final: bool = False,
+           on_iteration=None) -> RefineState:
     """Run `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}.
 
     final: RELION's last iteration, on all the data up to Nyquist (current size N; the caller joins
-    the halves' sums, `state.last_sums`, for the final map).
+    the halves' sums, `state.last_sums`, for the final map). on_iteration: called with the state after
+    every iteration (e.g. to write its files).
     """
     images = np.asarray(images)
     m, n = images.shape[0], images.shape[-1]
@@ -309,6 +311,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                               "coarse_size": cc})
         log.info("refine iteration %d: r_max %d, resolution %.2f A, <Pmax> %.3f", len(state.history), r_max,
                  n * optics.angpix / state.r_star, state.pmax.mean())
+        if on_iteration is not None:
+            on_iteration(state)
     return state
 
 
