@@ -1,13 +1,14 @@
-"""Gold-standard 3D refinement of a particle set against a starting map (the reduced loop of
-`omlrelion.refine.autorefine`: RELION's oversampled second pass, a finer HEALPix order after each
-iteration without resolution gain and local searches from --auto_local_healpix_order on; no
-accuracy estimates or convergence test yet: it runs --iter iterations; see docs/refinement.md).
+"""Gold-standard 3D refinement of a particle set against a starting map (RELION's auto-refine,
+`omlrelion.refine.autorefine`): with --auto_refine it runs until RELION's convergence test passes
+(fine enough sampling, no resolution gain, no large pose changes), otherwise --iter iterations;
+see docs/refinement.md.
 
 Writes RELION's auto-refine names: per iteration ROOT_itNNN_half{1,2}_class001.mrc, ROOT_itNNN_data.star,
 ROOT_itNNN_half{1,2}_model.star (and ROOT_itNNN_state.json to continue from); then a final iteration
 on all the data up to Nyquist gives ROOT_class001.mrc (both halves' sums joined),
 ROOT_half{1,2}_class001_unfil.mrc, ROOT_data.star and ROOT_model.star, e.g.
-  omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --ini_high 30 --iter 5 --device gpu
+  omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --auto_refine --ini_high 30 \
+      --particle_diameter 200 --zero_mask --flatten_solvent --low_resol_join_halves 40 --device gpu
   omlrelion refine --i particles.star --ref start.mrc --o Refine3D/run --iter 3 --continue Refine3D/run_it005_state.json
 """
 
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from omlrelion.backend import parse_device
+from omlrelion.backend import parse_device, to_numpy
 from omlrelion.errors import InputError
 from omlrelion.io.jsonfile import write_json
 from omlrelion.io.mrc import ImageStack, read_map, write_map
@@ -32,7 +34,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", type=Path, required=True, help="starting map (MRC, the particles' box and pixel size)")
     p.add_argument("--o", dest="root", type=Path, required=True, help="output root, e.g. Refine3D/run")
     p.add_argument("--ini_high", type=float, default=60.0, help="low-pass of the starting map in A (default 60)")
-    p.add_argument("--iter", type=int, default=5, help="iterations to run (default 5)")
+    p.add_argument("--auto_refine", action="store_true",
+                   help="iterate until converged (RELION's test), at most --iter iterations (default 999)")
+    p.add_argument("--iter", type=int, default=None,
+                   help="iterations to run (default 5), or the limit with --auto_refine (default 999)")
     p.add_argument("--healpix_order", type=int, default=2, help="HEALPix order of the search (default 2, 15 deg)")
     p.add_argument("--offset_range", type=float, default=6.0, help="search range of the offsets, px (default 6)")
     p.add_argument("--offset_step", type=float, default=2.0, help="step of the offsets, px (default 2)")
@@ -40,10 +45,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="1: second pass on the 2x finer grid around significant points (RELION's default); 0: one pass")
     p.add_argument("--auto_local_healpix_order", type=int, default=4,
                    help="order from which each particle is searched locally around its pose (default 4)")
-    p.add_argument("--max_healpix_order", type=int, default=5,
-                   help="finest order the schedule goes to after iterations without resolution gain (default 5)")
+    p.add_argument("--max_healpix_order", type=int, default=8,
+                   help="finest order the sampling schedule may reach (default 8)")
     p.add_argument("--particle_diameter", type=float, default=None,
-                   help="particle diameter in A: sets the first pass's coarse image size (default (N - 5) apix)")
+                   help="particle diameter in A: the mask and the first pass's coarse image size "
+                        "(default (N - 5) apix)")
+    p.add_argument("--zero_mask", action="store_true",
+                   help="likelihoods on images masked to the particle diameter, zero outside")
+    p.add_argument("--flatten_solvent", action="store_true",
+                   help="mask each half map with a soft sphere of the particle diameter after each iteration")
+    p.add_argument("--low_resol_join_halves", type=float, default=None,
+                   help="average the halves' sums below this resolution (A), e.g. 40")
+    p.add_argument("--skip_gridding", action="store_true",
+                   help="no iterative gridding in the M-step (relion_refine 3.1 grids by default)")
+    p.add_argument("--fixed_sampling", action="store_true",
+                   help="keep --healpix_order and the offsets throughout (no sampling updates)")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
     p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
@@ -80,6 +96,8 @@ def main(args: argparse.Namespace) -> dict:
     from omlrelion.refine.autorefine import RefineOptions, refine
     from omlrelion.refine.outputs import write_model_star
 
+    if args.iter is None:
+        args.iter = 999 if args.auto_refine else 5
     if args.iter < 1 or args.healpix_order < 0 or args.offset_step <= 0 or args.offset_range < 0 or args.batch < 1:
         raise InputError("--iter and --batch must be >= 1, --healpix_order >= 0, --offset_step > 0, "
                          "--offset_range >= 0")
@@ -102,36 +120,73 @@ def main(args: argparse.Namespace) -> dict:
     opts = RefineOptions(healpix_order=args.healpix_order, offset_range_px=args.offset_range,
                          offset_step_px=args.offset_step, pad=args.pad, ini_high_A=args.ini_high, n_iter=args.iter,
                          batch=args.batch, oversampling=args.oversampling, max_order=args.max_healpix_order,
-                         auto_local_order=args.auto_local_healpix_order, particle_diameter_A=args.particle_diameter)
+                         auto_local_order=args.auto_local_healpix_order, particle_diameter_A=args.particle_diameter,
+                         auto_refine=args.auto_refine, skip_gridding=args.skip_gridding, zero_mask=args.zero_mask,
+                         flatten_solvent=args.flatten_solvent, low_resol_join_A=args.low_resol_join_halves,
+                         schedule=not args.fixed_sampling)
     state = None
     if args.resume is not None:
         state, halves = _resume(args.resume, particles.n_particles)
+    clock = [time.perf_counter()]
+
+    def after_iteration(st) -> None:
+        _write_iteration(args.root, len(st.history), st, particles, halves, optics, write_model_star)
+        now = time.perf_counter()
+        _progress_line(st, now - clock[0])
+        clock[0] = now
+
     # the iteration number is the length of the history, which a resumed state carries on
-    state = refine(images, ctf, optics, halves, start, opts, device=device, state=state,
-                   on_iteration=lambda st: _write_iteration(args.root, len(st.history), st, particles, halves, optics,
-                                                            write_model_star))
+    state = refine(images, ctf, optics, halves, start, opts, device=device, state=state, on_iteration=after_iteration,
+                   initial_eulers=particles.eulers_deg, initial_shifts_px=particles.shifts_px)
     # RELION's final iteration: every particle aligned once more against its half map on all the data
     # up to Nyquist, then the halves' sums joined (tau2 from the full-data FSC) and the unfiltered halves
     state = refine(images, ctf, optics, halves, start, replace(opts, n_iter=1), device=device, state=state,
-                   final=True)
+                   final=True, on_iteration=lambda st: _progress_line(st, time.perf_counter() - clock[0]))
     (d1, w1), (d2, w2) = state.last_sums
     grid, last = state.last_grid, state.history[-1]
     tau2, sigma2, ssnr = tau2_from_fsc(w1 + w2, last["fsc"], grid=grid, whole_data=True)
-    kwargs = dict(box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max, skip_gridding=True)
-    joined = reconstruct_map(d1 + d2, w1 + w2, tau2=tau2, minres_map=MINRES_MAP, **kwargs)
+    kwargs = dict(box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max, skip_gridding=opts.skip_gridding)
+    real = np.float64 if device.gpu is None else np.float32
+
+    def on_device(d, w, **extra):
+        with device.use():
+            xp = device.xp
+            return to_numpy(reconstruct_map(xp.asarray(d.astype(np.result_type(real, np.complex64))),
+                                            xp.asarray(w.astype(real)), **kwargs, **extra)).astype(np.float32)
+
+    joined = on_device(d1 + d2, w1 + w2, tau2=tau2, minres_map=MINRES_MAP)
     root = str(args.root)
-    write_map(f"{root}_class001.mrc", joined.astype(np.float32), optics.angpix)
+    write_map(f"{root}_class001.mrc", joined, optics.angpix)
     for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
-        write_map(f"{root}_half{h}_class001_unfil.mrc", reconstruct_map(d, w, **kwargs).astype(np.float32),
-                  optics.angpix)
+        write_map(f"{root}_half{h}_class001_unfil.mrc", on_device(d, w), optics.angpix)
     write_model_star(f"{root}_model.star", _model(last, optics, grid), tau2, sigma2, ssnr, fudge=1.0,
                      reference=Path(f"{root}_class001.mrc").name)
     _write_data(f"{root}_data.star", state, particles, halves)
     summary = {"iterations": len(state.history), "resolution_A": last["resolution_A"],
+               "converged": state.converged,
                "history": [{k: v for k, v in h.items() if k != "halves"} for h in state.history]}
-    print(f"omlrelion refine: {len(state.history)} iterations, resolution {last['resolution_A']:.2f} A "
-          f"(FSC 0.5 between halves), final map {root}_class001.mrc")
+    print(f"omlrelion refine: {len(state.history)} iterations"
+          f"{' (converged)' if state.converged else ''}, final resolution {_final_resolution(last):.2f} A "
+          f"(gold-standard FSC 0.143), final map {root}_class001.mrc")
     return summary
+
+
+def _final_resolution(entry: dict) -> float:
+    """The joined halves' resolution: FSC 0.143 between the halves' sums (RELION's final r*)."""
+    curve = np.asarray(entry["fsc"])
+    below = np.flatnonzero(curve[1:] < 0.143)
+    shell = below[0] if below.size else len(curve) - 1
+    return entry["resolution_A"] * entry["r_star"] / max(shell, 1)
+
+
+def _progress_line(state, seconds: float) -> None:
+    h = state.history[-1]
+    search = "local" if h["local"] else "global"
+    acc = (f"acc {h['acc_rot_deg']:.2f} deg / {h['acc_trans_A']:.2f} A" if h["acc_rot_deg"] < 999
+           else "acc -")
+    print(f"iteration {len(state.history):3d}: {h['resolution_A']:6.2f} A (size {h['current_size']}), order "
+          f"{h['healpix_order']} {search}, offsets {h['offset_range_px']:.2f}/{h['offset_step_px']:.2f} px, {acc}, "
+          f"<significant> {h['n_significant_mean']:.1f}, <Pmax> {h['ave_pmax']:.3f}, {seconds:.1f} s", flush=True)
 
 
 def _model(entry: dict, optics, grid) -> dict:
@@ -161,8 +216,9 @@ def _write_iteration(root: Path, it: int, state, particles, halves, optics, writ
                          reference=Path(f"{stem}_half{h}_class001.mrc").name)
     _write_data(f"{stem}_data.star", state, particles, halves)
     write_json(Path(f"{stem}_state.json"), {
-        "iteration": it, "r_star": state.r_star, "healpix_order": state.order, "local": state.local,
-        "iter_wo_gain": state.iter_wo_gain, "sigma2": [s.tolist() for s in state.sigma2],
+        "iteration": it, "r_star": state.r_star, "schedule": asdict(state.schedule), "incr_size": state.incr_size,
+        "high_fsc_at_limit": state.high_fsc_at_limit, "offset_change_A": state.offset_change_A,
+        "sigma2": [s.tolist() for s in state.sigma2],
         "sigma_offset_A": list(state.sigma_offset_A), "history": state.history,
         "halves": halves.tolist(), "maps": [f"{Path(stem).name}_half{h}_class001.mrc" for h in (1, 2)],
         "data": f"{Path(stem).name}_data.star"}, indent=1)
@@ -170,6 +226,7 @@ def _write_iteration(root: Path, it: int, state, particles, halves, optics, writ
 
 def _resume(path: Path, n_particles: int):
     from omlrelion.refine.autorefine import RefineState
+    from omlrelion.refine.schedule import Schedule
 
     if not path.is_file():
         raise InputError(f"{path}: no such state file to continue from")
@@ -178,7 +235,7 @@ def _resume(path: Path, n_particles: int):
         maps = [read_map(path.parent / name)[0].astype(np.float64) for name in saved["maps"]]
         data = read_particles(path.parent / saved["data"])
         halves = np.asarray(saved["halves"], dtype=np.int64)
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"{path}: not a refine state file ({exc})") from None
     if len(halves) != n_particles or data.n_particles != n_particles:
         raise InputError(f"{path}: it describes {len(halves)} particles, the STAR file has {n_particles}")
@@ -186,6 +243,7 @@ def _resume(path: Path, n_particles: int):
                         sigma_offset_A=list(saved["sigma_offset_A"]), r_star=int(saved["r_star"]),
                         eulers=data.eulers_deg.copy(), shifts_px=data.shifts_px.copy(),
                         pmax=np.zeros(n_particles), n_significant=np.zeros(n_particles, dtype=np.int64),
-                        history=list(saved["history"]), order=int(saved["healpix_order"]),
-                        local=bool(saved["local"]), iter_wo_gain=int(saved["iter_wo_gain"]))
+                        history=list(saved["history"]), schedule=Schedule(**saved["schedule"]),
+                        incr_size=int(saved["incr_size"]), high_fsc_at_limit=bool(saved["high_fsc_at_limit"]),
+                        offset_change_A=float(saved["offset_change_A"]))
     return state, halves

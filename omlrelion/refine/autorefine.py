@@ -1,26 +1,22 @@
-"""A gold-standard refinement loop on particle images in memory (a first, reduced auto-refine).
+"""RELION's 3D auto-refine on particle images in memory (spec `relion-refinement.md`, 3-5).
 
-Per iteration and half set: the projector of the half's map at the current r_max, the one-pass
-E-step over the whole (symmetry-free) HEALPix grid of a fixed order and a disc of trial shifts
-around the box centre, the posterior-weighted back-projection with 1/sigma2 weights, and the
-noise and offset updates; then the halves' FSC from their sums, tau2 from that FSC, and each
-half's MAP reconstruction (`reconstruct_map`, no gridding, RELION's refine default). The next
-r_max is RELION's: the last shell with FSC >= 0.5 plus `incr_size`.
+Per iteration and half set: each image recentred on its rounded offset (and, with `zero_mask`,
+masked to the particle diameter for the likelihoods), the projector of the half's map at the
+current r_max, the first pass over the (symmetry-free) HEALPix grid on RELION's coarse image size,
+the oversampled second pass on the significant points at the current size (or, from
+`auto_local_order` on, a local search within 3 sigma of each pose), the posterior-weighted
+back-projection of the unmasked images with 1/sigma2 weights, and the noise and offset updates.
+Then the low-resolution join of the halves' sums, their FSC, tau2 from it and each half's MAP
+reconstruction (`reconstruct_map`, with iterative gridding unless `skip_gridding`), solvent
+flattening, r* (FSC 0.5), incr_size and the no-gain counter.
 
-With `oversampling` 1 (the default) each particle's significant coarse points are refined on the
-2x finer grid (RELION's second pass), evaluated here on the same image size as the first pass.
+Schedule (`refine.schedule`): accuracy estimates on 100 particles, finer sampling after an
+iteration without resolution gain and without large pose changes, convergence once the fine step
+is below 0.75 acc_rot (`auto_refine`). `final=True` runs RELION's last iteration on all data.
 
-Sampling schedule (reduced 5.5): after an iteration without resolution gain the HEALPix order goes
-up by one, to `max_order`; from `auto_local_order` on, each particle is searched within 3 sigma of
-its last pose (sigma = 2 fine steps). `final=True` runs RELION's last iteration on all data.
-
-The first pass of a global search runs on RELION's coarse image size (`coarse_size`), the second on
-the current size.
-
-What this loop does not do yet (spec `relion-refinement.md`): the random perturbation, the offset-range update and the pose-change and accuracy
-conditions of the schedule, convergence (5.4, 5.6, 5.7), masked images, solvent flattening, norm
-and scale corrections, re-centring on the previous offsets and symmetry. `omlrelion refine`
-(`cli/refine.py`) writes RELION's file names.
+Not done: the random perturbation of the grids, the learned direction prior of global searches,
+norm and scale corrections, symmetry in the search. `omlrelion refine` (`cli/refine.py`) writes
+RELION's file names.
 """
 
 from __future__ import annotations
@@ -33,19 +29,19 @@ import numpy as np
 from omlrelion.backend import Device, get_xp, to_numpy
 from omlrelion.ctf.ctf import CtfParams, ctf_2d
 from omlrelion.ctf.optics import Optics
-from omlrelion.fourier.layout import rfft2_centred
+from omlrelion.fourier.layout import irfft2_centred, rfft2_centred, shift_2d
 from omlrelion.fourier.projector import extract_slices, volume_to_ftc
 from omlrelion.fourier.symmetrise import hermitian_repair
 from omlrelion.geometry.euler import euler_to_matrix
-from omlrelion.geometry.grids import PaddedGrid, signed_freqs
+from omlrelion.geometry.grids import PaddedGrid, radial_distance, signed_freqs
 from omlrelion.reconstruct.fsc import (
     MINRES_MAP,
     fsc_from_sums,
     resolution_shell,
     tau2_from_fsc,
 )
-from omlrelion.reconstruct.gridding import reconstruct_map
-from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass, offset_log_prior
+from omlrelion.reconstruct.gridding import reconstruct_map, soft_edge
+from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass_parts, offset_log_prior
 from omlrelion.refine.maximization import (
     accumulate,
     inverse_sigma2_plane,
@@ -53,7 +49,8 @@ from omlrelion.refine.maximization import (
     update_sigma2,
     update_sigma_offset,
 )
-from omlrelion.refine.sampling import Sampling, angular_step, local_orientations
+from omlrelion.refine.sampling import Sampling, angular_step, local_orientations_batch
+from omlrelion.refine.schedule import Schedule, accuracy_estimates, hidden_variable_changes
 from omlrelion.units import relion_round
 
 log = logging.getLogger(__name__)
@@ -72,10 +69,15 @@ class RefineOptions:
     adaptive_fraction: float = 0.999
     batch: int = 64
     oversampling: int = 1            # RELION's default: a second pass on the 2x finer grid (0: one pass)
-    schedule: bool = True            # finer HEALPix order after an iteration without resolution gain
-    max_order: int = 5               # ... up to this order
+    schedule: bool = True            # RELION's sampling updates (5.5); False: the starting sampling throughout
+    max_order: int = 8               # the finest HEALPix order the schedule may reach
     auto_local_order: int = 4        # from this order on, local searches around each particle's pose
-    particle_diameter_A: float | None = None   # sets the first pass's coarse image size; None: (N - 5) apix
+    particle_diameter_A: float | None = None   # mask diameter and coarse image size; None: (N - 5) apix
+    auto_refine: bool = False        # stop once converged (5.7); n_iter is then the iteration limit
+    skip_gridding: bool = False      # relion_refine 3.1's default: iterative gridding in the M-step
+    zero_mask: bool = False          # likelihoods on images masked to the particle diameter, zero outside
+    flatten_solvent: bool = False    # multiply each new half map by a soft sphere of the particle diameter
+    low_resol_join_A: float | None = None   # average the halves' sums below this resolution (A)
 
 
 @dataclass
@@ -91,9 +93,11 @@ class RefineState:
     pmax: np.ndarray
     n_significant: np.ndarray = None    # (M,) significant samples of each particle's last E-step
     history: list = field(default_factory=list)
-    order: int | None = None            # the HEALPix order of the next iteration
-    local: bool = False                 # local searches (sigma = 2 fine steps) instead of global
-    iter_wo_gain: int = 0               # iterations since the resolution last improved
+    schedule: Schedule = None           # sampling, counters and convergence flags (shared by the halves)
+    incr_size: int = 10                 # shells added to r* for the next current size (grows with the FSC)
+    high_fsc_at_limit: bool = False     # FSC > 0.2 at the current size's edge once: r_max grows by N/8
+    offset_change_A: float = 0.0        # RMS offset change of the last iteration
+    converged: bool = False
     last_sums: list = None              # the last iteration's (data, weight) per half, and its grid
     last_grid: PaddedGrid = None
 
@@ -135,24 +139,33 @@ def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
 
 def fine_pass_batch(vft, images, ctf, noise_weight, pixels, sampling, coarse_posterior, log_prior_t, data, weight,
                     inv_sigma2, *, box_size: int, pad: float, r_padded: int, adaptive_fraction: float = 0.999,
-                    ov: int = 1, noise_sums: bool = True, angpix: float = 1.0):
-    """RELION's second pass for every particle of a batch, each back-projected into (data, weight).
+                    ov: int = 1, noise_sums: bool = True, angpix: float = 1.0, masked_images=None,
+                    centres_px=None, log_prior_r=None, orientation_index=None):
+    """RELION's second pass for a batch, back-projected into (data, weight).
 
-    images, ctf: (B, c, c//2+1) on the current window; coarse_posterior (B, T, R) of the first pass on
-    `sampling`'s grid; log_prior_t (B, T) host array. With `noise_sums`, the M-step's noise sums are
-    made too. Returns (eulers (B, 3), shifts (B, 2), pmax (B,), n_significant (B,), list of sums).
+    images, ctf: (B, c, c//2+1) on the current window (images unmasked: back-projected);
+    masked_images: the likelihood's images (default `images`); coarse_posterior (B, T, R) of the first
+    pass on `sampling`'s grid (or on `orientation_index`'s subset, with log_prior_r (B, R)); log_prior_t
+    (B, T); centres_px (B, 2): the offsets the images were recentred on (the shifts returned are
+    relative to them). With `noise_sums`, the M-step's noise sums are made too. Returns (eulers (B, 3),
+    shifts (B, 2), pmax (B,), n_significant (B,), list of sums).
     """
+    xp = get_xp(images)
     b = len(images)
+    masked_images = images if masked_images is None else masked_images
+    centres_px = np.zeros((b, 2)) if centres_px is None else np.asarray(centres_px)
     eulers, shifts = np.zeros((b, 3)), np.zeros((b, 2))
     pmax, n_sig, sums = np.zeros(b), np.zeros(b, dtype=np.int64), []
-    for j in range(b):
-        f = fine_pass(vft, images[j], ctf[j], noise_weight, pixels, sampling, coarse_posterior[j], sampling.shifts,
-                      box_size=box_size, pad=pad, r_padded=r_padded, log_prior_t=log_prior_t[j],
-                      adaptive_fraction=adaptive_fraction, ov=ov)
-        eulers[j], shifts[j], pmax[j], n_sig[j] = f.best_euler, f.best_shift, f.pmax, f.n_significant
-        sums.append(accumulate(data, weight, images[j:j + 1], ctf[j:j + 1], inv_sigma2, f.posterior[None], f.eulers,
-                               f.shifts_px, box_size=box_size, pad=pad, r_padded=r_padded,
-                               projections=f.projections if noise_sums else None, angpix=angpix))
+    for rows, f in fine_pass_parts(vft, masked_images, ctf, noise_weight, pixels, sampling, coarse_posterior,
+                                   sampling.shifts, box_size=box_size, pad=pad, r_padded=r_padded,
+                                   log_prior_t=log_prior_t, log_prior_r=log_prior_r,
+                                   adaptive_fraction=adaptive_fraction, ov=ov, orientation_index=orientation_index):
+        eulers[rows], shifts[rows], pmax[rows], n_sig[rows] = f.best_euler, f.best_shift, f.pmax, f.n_significant
+        r = xp.asarray(rows)
+        sums.append(accumulate(data, weight, images[r], ctf[r], inv_sigma2, f.posterior, f.eulers, f.shifts_px,
+                               box_size=box_size, pad=pad, r_padded=r_padded,
+                               projections=f.projections if noise_sums else None, angpix=angpix,
+                               old_offsets_px=centres_px[rows], noise_images=masked_images[r]))
     return eulers, shifts, pmax, n_sig, sums
 
 
@@ -163,39 +176,74 @@ def coarse_size(box_size: int, angpix: float, current_size: int, order: int, par
     return int(min(current_size, 2 * int(np.ceil(box_size * angpix / d_c))))
 
 
-def _local_particle(state: RefineState, i: int, vft, image, ctf, noise_w, pix, sampling, log_prior_t,
-                    sigma_deg: float, *, opts: RefineOptions, grid: PaddedGrid, box_size: int):
-    """One particle's local search (spec 3.5, 3.10): the orientations within 3 sigma of its last best
-    pose with their Gaussian prior, then the second pass on them. Updates the particle's pose in
-    `state`; returns (posterior (T, R), eulers (R, 3), shifts (T, 2), projections) for the M-step."""
-    xp = get_xp(image)
-    index, log_prior_r = local_orientations(sampling, state.eulers[i], sigma_deg)
+def _local_batch(state: RefineState, sel, vft, x, xm, ct, noise_w, pix, sampling, prior_t, sigma_deg: float,
+                 data, weight, inv_d, centre, *, opts: RefineOptions, grid: PaddedGrid, box_size: int, angpix: float):
+    """A batch's local search (spec 3.5, 3.10): each particle's orientations within 3 sigma of its last
+    pose with their Gaussian prior (one set of projections for the batch: the union), then the second
+    pass and the back-projection. Returns what `fine_pass_batch` does."""
+    xp = get_xp(x)
+    index, log_prior_r = local_orientations_batch(sampling, state.eulers[sel], sigma_deg)
     eulers = sampling.eulers()[index]
-    n = image.shape[-2]
-    proj = extract_slices(vft, xp.asarray(euler_to_matrix(eulers)), box_size=n, pad=opts.pad, r_padded=grid.r_padded)
-    prior = log_prior_t[None, :, None] + log_prior_r[None, None, :]
-    e = expectation(proj, image[None], ctf[None], noise_w, sampling.shifts, pix, box_size=box_size,
-                    log_prior=prior, adaptive_fraction=opts.adaptive_fraction)
+    proj = extract_slices(vft, xp.asarray(euler_to_matrix(eulers)), box_size=x.shape[-2], pad=opts.pad,
+                          r_padded=grid.r_padded)
+    prior_r = xp.asarray(log_prior_r, dtype=x.real.dtype)
+    e = expectation(proj, xm, ct, noise_w, sampling.shifts, pix, box_size=box_size,
+                    log_prior=prior_t + prior_r[:, None, :], adaptive_fraction=opts.adaptive_fraction)
     if opts.oversampling <= 0:
-        state.eulers[i], state.shifts_px[i] = eulers[e.best_orientation[0]], sampling.shifts[e.best_shift[0]]
-        state.pmax[i], state.n_significant[i] = e.pmax[0], e.n_significant[0]
-        return e.posterior[0], eulers, sampling.shifts, proj
-    f = fine_pass(vft, image, ctf, noise_w, pix, sampling, e.posterior[0], sampling.shifts, box_size=box_size,
-                  pad=opts.pad, r_padded=grid.r_padded, log_prior_t=log_prior_t,
-                  adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling, orientation_index=index)
-    state.eulers[i], state.shifts_px[i] = f.best_euler, f.best_shift
-    state.pmax[i], state.n_significant[i] = f.pmax, f.n_significant
-    return f.posterior, f.eulers, f.shifts_px, f.projections
+        sums = accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, sampling.shifts, box_size=box_size,
+                          pad=opts.pad, r_padded=grid.r_padded, projections=proj, angpix=angpix,
+                          old_offsets_px=centre, noise_images=xm)
+        return (eulers[e.best_orientation], sampling.shifts[e.best_shift], e.pmax, e.n_significant, [sums])
+    return fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, prior_t[:, :, 0], data, weight, inv_d,
+                           box_size=box_size, pad=opts.pad, r_padded=grid.r_padded,
+                           adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling, angpix=angpix,
+                           masked_images=xm, centres_px=centre, log_prior_r=prior_r, orientation_index=index)
+
+
+def circular_mask(n: int, radius_px: float, xp, *, width: float = 5.0):
+    """(n, n) soft disc around n//2: 1 inside `radius_px`, a raised cosine to 0 over `width` px outward."""
+    c = xp.arange(n, dtype=xp.float64) - n // 2
+    return 1.0 - soft_edge(xp.sqrt(c[:, None] ** 2 + c[None, :] ** 2), radius=radius_px, width=width)
+
+
+def solvent_flatten(volume, radius_px: float, *, width: float = 5.0):
+    """RELION's --flatten_solvent without a user mask: multiply by a soft sphere (1 inside, 0 outside)."""
+    return volume * (1.0 - soft_edge(radial_distance(volume.shape[0], np), radius=radius_px, width=width))
+
+
+def low_resolution_join(sums, *, grid: PaddedGrid, shell: int) -> None:
+    """Replace both halves' data and weight by their average within round(pad * shell) (in place)."""
+    c = grid.size // 2
+    k = np.arange(-c, c + 1)
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(grid.half)[None, None, :] ** 2
+    inside = r2 <= relion_round(grid.pad * shell) ** 2
+    xp = get_xp(sums[0][0])
+    inside = xp.asarray(inside)
+    for part in (0, 1):
+        mean = 0.5 * (sums[0][part] + sums[1][part])
+        for h in (0, 1):
+            sums[h][part][...] = xp.where(inside, mean, sums[h][part])
+
+
+def _prepare_batch(images_ft, sel, centres_px, mask, sizes, xp, cplx, real):
+    """A batch's transforms recentred on their rounded offsets (RELION 3.1): the unmasked window of the
+    current size (for back-projection) and the masked windows of each size in `sizes` (likelihoods)."""
+    x = shift_2d(xp.asarray(images_ft[sel].astype(cplx)), centres_px)
+    n = x.shape[-2]
+    xm = x if mask is None else rfft2_centred((irfft2_centred(x, n) * mask).astype(real))
+    return window_2d(x, sizes[0]).astype(cplx), [window_2d(xm, c).astype(cplx) for c in sizes]
 
 
 def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
            device: Device = Device(), state: RefineState | None = None, final: bool = False,
-           on_iteration=None) -> RefineState:
-    """Run `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}.
+           on_iteration=None, initial_eulers=None, initial_shifts_px=None) -> RefineState:
+    """Run up to `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}.
 
-    final: RELION's last iteration, on all the data up to Nyquist (current size N; the caller joins
-    the halves' sums, `state.last_sums`, for the final map). on_iteration: called with the state after
-    every iteration (e.g. to write its files).
+    With `opts.auto_refine` the loop stops early once RELION's convergence test passes
+    (`state.converged`). final: RELION's last iteration, on all the data up to Nyquist (current size
+    N; the caller joins the halves' sums, `state.last_sums`, for the final map). on_iteration: called
+    with the state after every iteration (e.g. to write its files). initial_eulers/shifts_px: the
+    input poses (their rounded offsets centre the first translational search).
     """
     images = np.asarray(images)
     m, n = images.shape[0], images.shape[-1]
@@ -203,46 +251,68 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     xp = device.xp
     real = np.float64 if device.gpu is None else np.float32
     cplx = np.result_type(real, np.complex64)
+    apix = optics.angpix
     images_ft = rfft2_centred(images.astype(np.float64))
     ctf_full = ctf_2d(optics, ctf, dtype=np.float64)
+    radius_px = (opts.particle_diameter_A or (n - 5) * apix) / (2 * apix)
+    mask_h = circular_mask(n, radius_px, np) if opts.zero_mask else None
     if state is None:
-        start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=optics.angpix,
-                         resolution_A=opts.ini_high_A)
-        sigma2 = [initial_sigma2(images_ft[halves == h]) for h in (1, 2)]
-        state = RefineState(maps=[start, start.copy()], sigma2=sigma2,
-                            sigma_offset_A=[opts.sigma_offset_A] * 2,
-                            r_star=relion_round(n * optics.angpix / opts.ini_high_A),
-                            eulers=np.zeros((m, 3)), shifts_px=np.zeros((m, 2)), pmax=np.zeros(m),
-                            n_significant=np.zeros(m, dtype=np.int64))
-    if state.order is None:
-        state.order = opts.healpix_order
-        state.local = opts.healpix_order >= opts.auto_local_order
+        start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=apix, resolution_A=opts.ini_high_A)
+        masked = images_ft if mask_h is None else rfft2_centred(images.astype(np.float64) * mask_h)
+        sigma2 = [initial_sigma2(masked[halves == h]) for h in (1, 2)]
+        state = RefineState(
+            maps=[start, start.copy()], sigma2=sigma2, sigma_offset_A=[opts.sigma_offset_A] * 2,
+            r_star=relion_round(n * apix / opts.ini_high_A),
+            eulers=np.zeros((m, 3)) if initial_eulers is None else np.array(initial_eulers, dtype=np.float64),
+            shifts_px=np.zeros((m, 2)) if initial_shifts_px is None else np.array(initial_shifts_px, dtype=np.float64),
+            pmax=np.zeros(m), n_significant=np.zeros(m, dtype=np.int64),
+            schedule=Schedule(opts.healpix_order, opts.offset_range_px, opts.offset_step_px,
+                              local=opts.healpix_order >= opts.auto_local_order),
+            incr_size=opts.incr_size)
+    sch = state.schedule
+    ov = max(opts.oversampling, 0)
+    with device.use():
+        mask = None if mask_h is None else xp.asarray(mask_h, dtype=real)
     for _ in range(opts.n_iter):
-        if opts.schedule and not final and state.history and state.iter_wo_gain >= 1 and state.order < opts.max_order:
-            state.order, state.iter_wo_gain = state.order + 1, 0
-            state.local = state.order >= opts.auto_local_order
-        sampling = Sampling(state.order, opts.offset_range_px, opts.offset_step_px)
+        if state.history and not final:
+            if opts.auto_refine and sch.converged():
+                state.converged = True
+                break
+            if opts.schedule:
+                r_acc = min(n // 2, state.r_star + state.incr_size)
+                sch.acc_rot_deg, sch.acc_trans_px = _accuracy(state, images_ft, ctf_full, halves, optics, opts,
+                                                              device, r_acc, real, cplx)
+                sch.update_sampling(ov=ov, angpix=apix, offset_change_A=state.offset_change_A,
+                                    max_order=opts.max_order, auto_local_order=opts.auto_local_order)
+        sampling = Sampling(sch.order, sch.offset_range_px, sch.offset_step_px)
         eulers, shifts = sampling.eulers(), sampling.shifts
-        sigma_local = 2 * angular_step(state.order + max(opts.oversampling, 0))
-        rotations = None if state.local else euler_to_matrix(eulers)
-        r_max = n // 2 if final else min(n // 2, state.r_star + opts.incr_size)
+        sigma_local = 2 * angular_step(sch.order + ov)
+        rotations = None if sch.local else euler_to_matrix(eulers)
+        if final:
+            r_max = n // 2
+        elif state.high_fsc_at_limit and state.pmax.mean() > 0.1:
+            r_max = min(n // 2, state.r_star + relion_round(0.125 * n))
+        else:
+            r_max = min(n // 2, state.r_star + state.incr_size)
         c = min(n, 2 * r_max)
         grid = PaddedGrid(n, opts.pad, r_max)
         pix = HalfPlanePixels.of(c)
+        old_eulers, old_shifts = state.eulers.copy(), state.shifts_px.copy()
         sums, stats = [], []
+        cc = c
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
             sig = state.sigma2[h - 1]
             inv = inverse_sigma2_plane(sig, c)
             with device.use():
                 vft = xp.asarray(volume_to_ftc(state.maps[h - 1], pad=opts.pad, r_max=r_max).astype(cplx))
-                cc = c if state.local or opts.oversampling <= 0 else coarse_size(
-                    n, optics.angpix, c, state.order, opts.particle_diameter_A or (n - 5) * optics.angpix)
+                cc = c if sch.local or ov == 0 else coarse_size(
+                    n, apix, c, sch.order, opts.particle_diameter_A or (n - 5) * apix)
                 proj_c = proj = None
-                if not state.local:
+                if not sch.local:
                     proj_c = extract_slices(vft, xp.asarray(rotations), box_size=cc, pad=opts.pad,
                                             r_padded=grid.r_padded)
-                    if cc == c or opts.oversampling <= 0:
+                    if cc == c:
                         proj = proj_c
                 pix_c = HalfPlanePixels.of(cc)
                 noise_c = xp.asarray(inverse_sigma2_plane(sig, cc).ravel()[pix_c.index], dtype=real)
@@ -253,67 +323,115 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 batch_stats = []
                 for start_i in range(0, len(idx), opts.batch):
                     sel = idx[start_i:start_i + opts.batch]
-                    x = xp.asarray(window_2d(images_ft[sel], c).astype(cplx))
+                    centre = np.rint(state.shifts_px[sel])
+                    x, (xm, xm_c) = _prepare_batch(images_ft, sel, centre, mask, (c, cc), xp, cplx, real)
                     ct = xp.asarray(window_2d(ctf_full[sel], c).astype(real))
-                    prior = offset_log_prior(np.zeros((len(sel), 2)), shifts, angpix=optics.angpix,
+                    prior = offset_log_prior(centre, shifts, angpix=apix,
                                              sigma_offset_A=state.sigma_offset_A[h - 1], xp=xp)[:, :, None]
-                    if state.local:
-                        for j, i in enumerate(sel):
-                            post, eul, sh, pr = _local_particle(state, i, vft, x[j], ct[j], noise_w, pix, sampling,
-                                                                to_numpy(prior[j, :, 0]), sigma_local, opts=opts,
-                                                                grid=grid, box_size=n)
-                            batch_stats.append(accumulate(data, weight, x[j:j + 1], ct[j:j + 1], inv_d, post[None],
-                                                          eul, sh, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
-                                                          projections=pr, angpix=optics.angpix))
+                    if sch.local:
+                        found = _local_batch(state, sel, vft, x, xm, ct, noise_w, pix, sampling, prior, sigma_local,
+                                             data, weight, inv_d, centre, opts=opts, grid=grid, box_size=n,
+                                             angpix=apix)
+                        state.eulers[sel], state.shifts_px[sel], state.pmax[sel], state.n_significant[sel] = found[:4]
+                        state.shifts_px[sel] += centre
+                        batch_stats.extend(found[4])
                         continue
-                    if cc < c:          # the first pass on the coarse image size (spec 3.7)
-                        e = expectation(proj_c, xp.asarray(window_2d(images_ft[sel], cc).astype(cplx)),
-                                        xp.asarray(window_2d(ctf_full[sel], cc).astype(real)), noise_c, shifts, pix_c,
-                                        box_size=n, log_prior=prior, adaptive_fraction=opts.adaptive_fraction)
-                    else:
-                        e = expectation(proj, x, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
-                                        adaptive_fraction=opts.adaptive_fraction)
-                    if opts.oversampling <= 0:
+                    ct_c = ct if cc == c else xp.asarray(window_2d(ctf_full[sel], cc).astype(real))
+                    e = expectation(proj_c, xm_c, ct_c, noise_c if cc < c else noise_w, shifts,
+                                    pix_c if cc < c else pix, box_size=n, log_prior=prior,
+                                    adaptive_fraction=opts.adaptive_fraction)
+                    if ov == 0:
                         state.eulers[sel] = eulers[e.best_orientation]
-                        state.shifts_px[sel] = shifts[e.best_shift]
+                        state.shifts_px[sel] = centre + shifts[e.best_shift]
                         state.pmax[sel] = e.pmax
                         state.n_significant[sel] = e.n_significant
                         batch_stats.append(accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, shifts,
                                                       box_size=n, pad=opts.pad, r_padded=grid.r_padded,
-                                                      projections=proj, angpix=optics.angpix))
+                                                      projections=proj, angpix=apix, old_offsets_px=centre,
+                                                      noise_images=xm))
                         continue
-                    found = fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, to_numpy(prior[:, :, 0]),
+                    found = fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, prior[:, :, 0],
                                             data, weight, inv_d, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
-                                            adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling,
-                                            angpix=optics.angpix)
+                                            adaptive_fraction=opts.adaptive_fraction, ov=ov, angpix=apix,
+                                            masked_images=xm, centres_px=centre)
                     state.eulers[sel], state.shifts_px[sel], state.pmax[sel], state.n_significant[sel] = found[:4]
+                    state.shifts_px[sel] += centre
                     batch_stats.extend(found[4])
                 hermitian_repair(data, weight)
-                sums.append((to_numpy(data).astype(np.complex128), to_numpy(weight).astype(np.float64)))
+                sums.append([data, weight])
             stats.append(batch_stats)
-        curve = fsc_from_sums(sums[0][0], sums[0][1], sums[1][0], sums[1][1], grid=grid)
+        angle_change, offset_change = hidden_variable_changes(old_eulers, state.eulers, old_shifts, state.shifts_px,
+                                                              angpix=apix)
+        state.offset_change_A = offset_change
+        if opts.low_resol_join_A:
+            join = int(np.ceil(n * apix / max(opts.low_resol_join_A, n * apix / max(state.r_star, 1))))
+            low_resolution_join(sums, grid=grid, shell=join)
+        host = [(to_numpy(d).astype(np.complex128), to_numpy(w).astype(np.float64)) for d, w in sums]
+        curve = fsc_from_sums(host[0][0], host[0][1], host[1][0], host[1][1], grid=grid)
         spectra = []
         for h in (1, 2):
             data, weight = sums[h - 1]
-            tau2, sigma2_ref, ssnr = tau2_from_fsc(weight, curve, grid=grid, whole_data=False)
+            tau2, sigma2_ref, ssnr = tau2_from_fsc(host[h - 1][1], curve, grid=grid, whole_data=False)
             spectra.append({"tau2": tau2.tolist(), "sigma2_ref": sigma2_ref.tolist(), "ssnr": ssnr.tolist()})
-            state.maps[h - 1] = reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
-                                                skip_gridding=True, tau2=tau2, minres_map=MINRES_MAP)
+            with device.use():
+                new_map = to_numpy(reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
+                                                   skip_gridding=opts.skip_gridding, tau2=tau2,
+                                                   minres_map=MINRES_MAP)).astype(np.float64)
+            if opts.flatten_solvent and not final:
+                new_map = solvent_flatten(new_map, radius_px)
+            state.maps[h - 1] = new_map
             state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
             state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
-        r_new = resolution_shell(curve)
-        state.iter_wo_gain = state.iter_wo_gain + 1 if r_new <= state.r_star else 0
-        state.r_star = r_new
-        state.last_sums, state.last_grid = sums, grid
+        del sums
+        _update_resolution(state, curve, n)
+        if not final:
+            sch.record_changes(angle_change, offset_change, ov=ov, angpix=apix)
+        state.last_sums, state.last_grid = host, grid
         state.history.append({"r_max": r_max, "current_size": c, "fsc": curve.tolist(), "r_star": state.r_star,
-                              "resolution_A": n * optics.angpix / state.r_star, "ave_pmax": float(state.pmax.mean()),
-                              "halves": spectra, "healpix_order": state.order, "local": state.local,
-                              "coarse_size": cc})
+                              "resolution_A": n * apix / state.r_star, "ave_pmax": float(state.pmax.mean()),
+                              "halves": spectra, "healpix_order": sch.order, "local": sch.local,
+                              "coarse_size": cc, "offset_range_px": sch.offset_range_px,
+                              "offset_step_px": sch.offset_step_px, "acc_rot_deg": sch.acc_rot_deg,
+                              "acc_trans_A": sch.acc_trans_px * apix, "angle_change_deg": angle_change,
+                              "offset_change_A": offset_change,
+                              "n_significant_mean": float(state.n_significant.mean())})
         log.info("refine iteration %d: r_max %d, resolution %.2f A, <Pmax> %.3f", len(state.history), r_max,
-                 n * optics.angpix / state.r_star, state.pmax.mean())
+                 n * apix / state.r_star, state.pmax.mean())
         if on_iteration is not None:
             on_iteration(state)
     return state
+
+
+def _update_resolution(state: RefineState, curve, n: int) -> None:
+    """r* from the FSC (5.2), the no-gain counter, incr_size and the high-FSC-at-the-limit flag (4.4)."""
+    curve = np.asarray(curve)
+    r_new = resolution_shell(curve)
+    state.schedule.iter_wo_gain = state.schedule.iter_wo_gain + 1 if r_new <= state.r_star else 0
+    state.r_star = r_new
+    below_05 = np.flatnonzero(curve[1:] < 0.5)
+    below_0143 = np.flatnonzero(curve[1:] < 0.143)
+    if below_05.size and below_0143.size:
+        state.incr_size = max(state.incr_size, int(below_0143[0] - below_05[0]) + 5)
+    limit = np.flatnonzero(curve > 0)[-1] if np.any(curve > 0) else 0
+    if limit >= 1 and curve[limit - 1] > 0.2:
+        state.high_fsc_at_limit = True
+
+
+def _accuracy(state, images_ft, ctf_full, halves, optics, opts, device, r_max, real, cplx):
+    """5.4 on the first 100 particles of half 1, against half 1's map on the current window."""
+    xp = device.xp
+    n = images_ft.shape[-2]
+    c = min(n, 2 * r_max)
+    sel = np.flatnonzero(halves == 1)[:100]
+    pix = HalfPlanePixels.of(c)
+    grid = PaddedGrid(n, opts.pad, r_max)
+    with device.use():
+        vft = xp.asarray(volume_to_ftc(state.maps[0], pad=opts.pad, r_max=r_max).astype(cplx))
+        ct = xp.asarray(window_2d(ctf_full[sel], c).astype(real))
+        noise_w = xp.asarray(inverse_sigma2_plane(state.sigma2[0], c).ravel()[pix.index], dtype=real)
+        rng = np.random.default_rng(len(state.history))
+        return accuracy_estimates(vft, state.eulers[sel], ct, noise_w, pix, box_size=n, pad=opts.pad,
+                                  r_padded=grid.r_padded, rng=rng)
 
 
 __all__ = ["RefineOptions", "RefineState", "initial_sigma2", "low_pass", "refine", "window_2d"]

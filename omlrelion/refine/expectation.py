@@ -127,61 +127,94 @@ def expectation(projections, images, ctf, noise_weight, shifts_px, pixels: HalfP
 
 @dataclass
 class FinePass:
-    """One particle's second (oversampled) pass: its own fine orientations and shifts."""
+    """A batch's second (oversampled) pass: the fine orientations and shifts of the batch (the union of
+    its particles' children) and, per particle, its posterior over them and its best point."""
 
     eulers: np.ndarray               # (Rf, 3)
     shifts_px: np.ndarray            # (Tf, 2)
-    posterior: object                # (Tf, Rf), zero below the threshold and off the allowed pairs
+    posterior: object                # (B, Tf, Rf), zero below each threshold and off each particle's pairs
     projections: object              # (Rf, n, n//2+1)
-    best_euler: np.ndarray
-    best_shift: np.ndarray
-    pmax: float
-    n_significant: int
+    best_euler: np.ndarray           # (B, 3)
+    best_shift: np.ndarray           # (B, 2)
+    pmax: np.ndarray                 # (B,)
+    n_significant: np.ndarray        # (B,)
 
 
-def fine_pass(volume_ftc, image, ctf, noise_weight, pixels: HalfPlanePixels, sampling, coarse_posterior,
-              shifts_px, *, box_size: int, pad: float, r_padded: int, log_prior_t=None,
+def fine_pass(volume_ftc, images, ctf, noise_weight, pixels: HalfPlanePixels, sampling, coarse_posterior,
+              shifts_px, *, box_size: int, pad: float, r_padded: int, log_prior_t=None, log_prior_r=None,
               adaptive_fraction: float = 0.999, ov: int = 1, orientation_index=None) -> FinePass:
-    """RELION's pass 2 for one particle (spec 3.7): every coarse orientation with a significant
-    (orientation, shift) pair gives its 4^ov 2^ov fine orientations, and each significant coarse
-    shift of it its 4^ov fine shifts; D2 is evaluated on those pairs only. log_prior_t: the coarse
-    shifts' log prior, inherited by their children. orientation_index: the `sampling.eulers()` index
-    of each column of `coarse_posterior` (a local search's subset; default: all, in order)."""
+    """RELION's pass 2 for a batch (spec 3.7): every coarse orientation with a significant (orientation,
+    shift) pair gives its 4^ov 2^ov fine orientations, and each significant coarse shift of it its 4^ov
+    fine shifts; a particle's D2 counts on its own pairs only. The batch shares one set of projections
+    (the union of its particles' children) and one matrix product.
+
+    images, ctf : (B, n, n//2+1); coarse_posterior : (B, T, R) of the first pass; log_prior_t (B, T)
+    and log_prior_r (B, R): the coarse shifts' and orientations' log priors, inherited by their
+    children. orientation_index: the `sampling.eulers()` index of each coarse column (a local
+    search's subset; default: all, in order)."""
     from omlrelion.fourier.projector import extract_slices
     from omlrelion.geometry.euler import euler_to_matrix
     from omlrelion.refine.sampling import oversampled_orientations, oversampled_shifts
 
-    xp = get_xp(image)
-    sig = to_numpy(coarse_posterior) > 0                                     # (T, R)
-    t_used, r_used = np.flatnonzero(sig.any(axis=1)), np.flatnonzero(sig.any(axis=0))
+    xp = get_xp(images)
+    sig = coarse_posterior > 0                                               # (B, T, R)
+    t_used = np.flatnonzero(to_numpy(sig.any(axis=(0, 2))))
+    r_used = np.flatnonzero(to_numpy(sig.any(axis=(0, 1))))
     r_index = r_used if orientation_index is None else np.asarray(orientation_index)[r_used]
     fine_r = oversampled_orientations(sampling, r_index, ov)                 # (nr, k_r, 3)
     fine_t = oversampled_shifts(np.asarray(shifts_px)[t_used], sampling.offset_step_px, ov)   # (nt, k_t, 2)
     k_r, k_t = fine_r.shape[1], fine_t.shape[1]
     eulers, shifts = fine_r.reshape(-1, 3), fine_t.reshape(-1, 2)
-    allowed = np.repeat(np.repeat(sig[np.ix_(t_used, r_used)], k_t, axis=0), k_r, axis=1)   # (Tf, Rf)
-    n = image.shape[-2]
+    t_d, r_d = xp.asarray(np.repeat(t_used, k_t)), xp.asarray(np.repeat(r_used, k_r))
+    allowed = sig[:, t_d][:, :, r_d]                                         # (B, Tf, Rf)
+    n = images.shape[-2]
     proj = extract_slices(volume_ftc, xp.asarray(euler_to_matrix(eulers)), box_size=n, pad=pad, r_padded=r_padded)
-    d2 = squared_differences(proj, image[None], ctf[None], noise_weight, shifts, pixels, box_size=box_size)[0]
-    allowed_d = xp.asarray(allowed)
-    logw = -(d2 - xp.min(xp.where(allowed_d, d2, xp.inf)))
+    logw = -squared_differences(proj, images, ctf, noise_weight, shifts, pixels, box_size=box_size)
     if log_prior_t is not None:
-        logw = logw + xp.asarray(np.repeat(np.asarray(log_prior_t)[t_used], k_t))[:, None]
-    logw = xp.where(allowed_d, logw, -xp.inf)
-    logw -= logw.max()
-    limit = -88.0 if logw.dtype == np.float32 else -700.0
-    w = xp.where(logw > limit, xp.exp(logw), 0.0)
-    total = float(w.sum())
-    if not (total > 0 and np.isfinite(total)):
+        logw = logw + xp.asarray(log_prior_t, dtype=logw.dtype)[:, t_d][:, :, None]
+    if log_prior_r is not None:
+        logw = logw + xp.asarray(log_prior_r, dtype=logw.dtype)[:, r_d][:, None, :]
+    logw = xp.where(allowed, logw, -xp.inf)
+    b = len(images)
+    flat = logw.reshape(b, -1)
+    flat = flat - flat.max(axis=1)[:, None]
+    limit = -88.0 if flat.dtype == np.float32 else -700.0
+    w = xp.where(flat > limit, xp.exp(flat), 0.0)
+    total = w.sum(axis=1)
+    if not bool(xp.all(xp.isfinite(total) & (total > 0))):
         raise FloatingPointError("E-step: a particle's fine-pass weights sum to zero or are not finite")
-    theta = float(significant_threshold(w.reshape(1, -1), adaptive_fraction)[0])
-    keep = w >= theta
-    post = xp.where(keep, w / total, 0.0)
-    best = int(xp.argmax(w))
-    bt, br = divmod(best, w.shape[1])
-    return FinePass(eulers, shifts, post, proj, eulers[br], shifts[bt], float(w.max()) / total,
-                    int(keep.sum()))
+    theta = significant_threshold(w, adaptive_fraction)
+    keep = (w >= theta[:, None]) & (w > 0)
+    post = xp.where(keep, w / total[:, None], 0.0).reshape(logw.shape)
+    best = to_numpy(xp.argmax(w, axis=1))
+    bt, br = np.divmod(best, len(eulers))
+    return FinePass(eulers, shifts, post, proj, eulers[br], shifts[bt], to_numpy(w.max(axis=1) / total),
+                    to_numpy(keep.sum(axis=1)))
 
 
-__all__ = ["EStepResult", "FinePass", "fine_pass", "HalfPlanePixels", "expectation", "offset_log_prior", "significant_threshold",
+def fine_pass_parts(volume_ftc, images, ctf, noise_weight, pixels, sampling, coarse_posterior, shifts_px, *,
+                    max_elements: int = 2**25, log_prior_t=None, log_prior_r=None, **kwargs):
+    """`fine_pass` on a batch split into parts whose (B, Tf, Rf) posterior stays within `max_elements`:
+    yields (rows of the batch, FinePass of those rows)."""
+    xp = get_xp(images)
+    b = len(images)
+    log_prior_t = None if log_prior_t is None else xp.asarray(log_prior_t)
+    log_prior_r = None if log_prior_r is None else xp.asarray(log_prior_r)
+    sig = coarse_posterior > 0
+    ov = kwargs.get("ov", 1)
+    size = b * int(sig.any(axis=(0, 2)).sum()) * int(sig.any(axis=(0, 1)).sum()) * 2 ** (5 * ov)
+    if size > max_elements and b > 1:
+        for rows in (np.arange(b // 2), np.arange(b // 2, b)):
+            for sub, part in fine_pass_parts(
+                    volume_ftc, images[rows], ctf[rows], noise_weight, pixels, sampling, coarse_posterior[rows],
+                    shifts_px, max_elements=max_elements,
+                    log_prior_t=None if log_prior_t is None else log_prior_t[xp.asarray(rows)],
+                    log_prior_r=None if log_prior_r is None else log_prior_r[xp.asarray(rows)], **kwargs):
+                yield rows[sub], part
+        return
+    yield np.arange(b), fine_pass(volume_ftc, images, ctf, noise_weight, pixels, sampling, coarse_posterior,
+                                  shifts_px, log_prior_t=log_prior_t, log_prior_r=log_prior_r, **kwargs)
+
+
+__all__ = ["EStepResult", "FinePass", "fine_pass", "fine_pass_parts", "HalfPlanePixels", "expectation", "offset_log_prior", "significant_threshold",
            "squared_differences"]

@@ -45,13 +45,17 @@ def phase_ramps(shifts_px, n: int, box_size: int, xp, dtype):
 
 
 def accumulate(data, weight, images, ctf, inv_sigma2, posterior, eulers, shifts_px, *, box_size: int, pad: float,
-               r_padded: int, projections=None, old_offsets_px=None, angpix: float = 1.0):
+               r_padded: int, projections=None, old_offsets_px=None, angpix: float = 1.0, noise_images=None):
     """Add one batch's posterior-weighted slices to a half's sums (in place) and return its other sums.
 
     images : (B, n, n//2+1) unmasked image transforms on the current window; ctf likewise (real);
     inv_sigma2 : (n, n//2+1) 1/sigma2 per pixel (DC included); posterior : (B, T, R) (zero where
     not significant); eulers (R, 3) degrees; shifts_px (T, 2). With `projections` (R, n, n//2+1)
-    the noise sums per shell are also made.
+    the noise sums per shell are also made, from `noise_images` (the likelihood's masked images;
+    default `images`). old_offsets_px (B, 2): the offsets the trial shifts are relative to.
+
+    The whole batch goes at once: its (particle, orientation) pairs with posterior mass, their
+    shift sums sum_t gamma phi_t as one matrix product, one slice insertion for all pairs.
 
     Returns dict: sigma2_sum (n_shells,), sigma2_count (n_shells,) (pixels x posterior mass per
     shell), offset_sum (sum gamma |o + t|^2 A^2), gamma_sum.
@@ -59,41 +63,43 @@ def accumulate(data, weight, images, ctf, inv_sigma2, posterior, eulers, shifts_
     xp = get_xp(images)
     n = images.shape[-2]
     cplx = images.dtype
-    phi = phase_ramps(shifts_px, n, box_size, xp, cplx)                       # (T, n, h)
-    w = xp.asarray(inv_sigma2, dtype=images.real.dtype)
-    shells = xp.asarray(shell_index(n))
     n_shells = n // 2 + 1
     out = {"sigma2_sum": np.zeros(n_shells), "sigma2_count": np.zeros(n_shells), "offset_sum": 0.0,
            "gamma_sum": 0.0}
-    # pixels per shell of the half plane, non-redundant (kx = 0, ky < 0 excluded), DC in shell 0
-    ky = signed_freqs(n, np)[:, None] * np.ones((1, n // 2 + 1), np.int64)
-    kx = rfft_freqs(n, np)[None, :] * np.ones((n, 1), np.int64)
-    use = xp.asarray(~((kx == 0) & (ky < 0)) & (shell_index(n) < n_shells))
+    g = xp.asarray(posterior)                                                # (B, T, R)
+    mass = g.sum(axis=1)                                                     # (B, R)
+    bb, rr = xp.nonzero(mass > 0)
+    if bb.size == 0:
+        return out
+    phi = phase_ramps(shifts_px, n, box_size, xp, cplx).reshape(len(shifts_px), -1)     # (T, K)
+    gp = g[bb, :, rr].astype(cplx)                                           # (P, T)
+    ramp = (gp @ phi).reshape(len(bb), n, -1)                                # sum_t gamma phi_t per pair
+    w = xp.asarray(inv_sigma2, dtype=images.real.dtype)
+    m = mass[bb, rr][:, None, None].astype(w.dtype)
+    f_img = (w * ctf * images)[bb] * ramp
+    f_wgt = (w * ctf * ctf)[bb] * m
+    insert_slices(data, weight, f_img, f_wgt, euler_to_matrix(np.asarray(eulers)[to_numpy(rr)]), pad=pad,
+                  r_padded=r_padded)
+    del f_img, f_wgt
+    gamma_t = to_numpy(g.sum(axis=2))                                        # (B, T)
     t = np.asarray(shifts_px, dtype=np.float64)
     o = np.zeros((len(images), 2)) if old_offsets_px is None else np.asarray(old_offsets_px, dtype=np.float64)
-    for b in range(len(images)):
-        g = posterior[b]                                                    # (T, R)
-        mass_r = g.sum(axis=0)
-        rows = xp.flatnonzero(mass_r > 0)
-        if rows.size == 0:
-            continue
-        gr = g[:, rows]                                                     # (T, m)
-        ramp = xp.tensordot(gr.T.astype(cplx), phi, axes=1)                # (m, n, h): sum_t gamma phi_t
-        f_img = (w * ctf[b] * images[b])[None] * ramp
-        f_wgt = (w * ctf[b] * ctf[b])[None] * mass_r[rows][:, None, None].astype(w.dtype)
-        insert_slices(data, weight, f_img, f_wgt, euler_to_matrix(to_numpy(eulers)[to_numpy(rows)]), pad=pad,
-                      r_padded=r_padded)
-        gamma_t = to_numpy(g.sum(axis=1))
-        out["gamma_sum"] += float(gamma_t.sum())
-        out["offset_sum"] += float((gamma_t * ((o[b] + t) ** 2).sum(axis=1)).sum()) * angpix**2
-        if projections is not None:
-            tt, rr = xp.nonzero(g > 0)
-            resid = xp.abs(ctf[b][None] * projections[rr] - images[b][None] * phi[tt]) ** 2   # (m', n, h)
-            gw = g[tt, rr][:, None, None] * resid * use[None]
-            out["sigma2_sum"] += to_numpy(xp.bincount(xp.broadcast_to(shells, gw.shape).ravel(),
-                                                      weights=gw.ravel(), minlength=n_shells))[:n_shells]
-            cnt = xp.bincount(shells.ravel(), weights=use.ravel().astype(np.float64), minlength=n_shells)
-            out["sigma2_count"] += float(g.sum()) * to_numpy(cnt)[:n_shells]
+    out["gamma_sum"] = float(gamma_t.sum())
+    out["offset_sum"] = float((gamma_t * ((o[:, None, :] + t[None]) ** 2).sum(axis=-1)).sum()) * angpix**2
+    if projections is not None:
+        # sum_t gamma |c P - X phi_t|^2 = mass (c^2 |P|^2 + |X|^2) - 2 c Re(P conj(X) sum_t gamma conj(phi_t))
+        xn = images if noise_images is None else noise_images
+        ramp_c = (gp @ xp.conj(phi)).reshape(ramp.shape)
+        c, x, pr = ctf[bb], xn[bb], projections[rr]
+        resid = m * (c * c * (pr.real**2 + pr.imag**2) + (x.real**2 + x.imag**2)) \
+            - 2 * c * (pr * xp.conj(x) * ramp_c).real
+        ky = signed_freqs(n, np)[:, None] * np.ones((1, n // 2 + 1), np.int64)
+        kx = rfft_freqs(n, np)[None, :] * np.ones((n, 1), np.int64)
+        shells = shell_index(n)
+        use = ~((kx == 0) & (ky < 0)) & (shells < n_shells)
+        per_pixel = to_numpy(resid.sum(axis=0)).astype(np.float64)
+        out["sigma2_sum"] = np.bincount(shells[use], weights=per_pixel[use], minlength=n_shells)[:n_shells]
+        out["sigma2_count"] = out["gamma_sum"] * np.bincount(shells[use], minlength=n_shells)[:n_shells]
     return out
 
 

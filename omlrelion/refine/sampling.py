@@ -198,19 +198,36 @@ def local_orientations(sampling: Sampling, prior_euler, sigma_deg: float):
     """A local search's orientations (spec 3.5): indices into `sampling.eulers()` whose direction lies
     within 3 sigma (great-circle angle) of the prior's and whose psi within 3 sigma of its psi, with
     the Gaussian log prior of each (direction and psi terms). The nearest one is kept if none is."""
+    index, log_prior = local_orientations_batch(sampling, np.asarray(prior_euler, dtype=np.float64)[None], sigma_deg)
+    return index, log_prior[0]
+
+
+def local_orientations_batch(sampling: Sampling, prior_eulers, sigma_deg: float):
+    """`local_orientations` of several particles (B, 3) at once: the union of their orientations
+    (U,) indices into `sampling.eulers()`, and each particle's log prior over it (B, U), -inf where
+    an orientation is not in its own set."""
+    prior_eulers = np.asarray(prior_eulers, dtype=np.float64)
     psi = sampling.psi
-    p_unit = _unit_vectors(prior_euler[0], prior_euler[1])
-    angle = np.degrees(np.arccos(np.clip(sampling.direction_units @ p_unit, -1, 1)))
-    dpsi = np.abs((psi - prior_euler[2] + 180.0) % 360.0 - 180.0)
-    keep_d, keep_p = np.flatnonzero(angle < 3 * sigma_deg), np.flatnonzero(dpsi < 3 * sigma_deg)
-    if not len(keep_d):
-        keep_d = np.array([int(np.argmin(angle))])
-    if not len(keep_p):
-        keep_p = np.array([int(np.argmin(dpsi))])
-    index = (keep_d[:, None] * len(psi) + keep_p[None, :]).ravel()
-    log_prior = (-(angle[keep_d][:, None] ** 2) / (2 * sigma_deg**2)
-                 - (dpsi[keep_p][None, :] ** 2) / (2 * sigma_deg**2)).ravel()
-    return index, log_prior
+    p_units = _unit_vectors(prior_eulers[:, 0], prior_eulers[:, 1])                      # (B, 3)
+    angle = np.degrees(np.arccos(np.clip(p_units @ sampling.direction_units.T, -1, 1)))    # (B, D)
+    dpsi = np.abs((psi[None, :] - prior_eulers[:, 2, None] + 180.0) % 360.0 - 180.0)       # (B, P)
+    limit, inv2 = 3 * sigma_deg, 1.0 / (2 * sigma_deg**2)
+    sets = []
+    for b in range(len(prior_eulers)):
+        keep_d = np.flatnonzero(angle[b] < limit)
+        keep_p = np.flatnonzero(dpsi[b] < limit)
+        if not len(keep_d):
+            keep_d = np.array([int(np.argmin(angle[b]))])
+        if not len(keep_p):
+            keep_p = np.array([int(np.argmin(dpsi[b]))])
+        index = (keep_d[:, None] * len(psi) + keep_p[None, :]).ravel()
+        value = (-(angle[b, keep_d][:, None] ** 2) * inv2 - (dpsi[b, keep_p][None, :] ** 2) * inv2).ravel()
+        sets.append((index, value))
+    union = np.unique(np.concatenate([index for index, _ in sets]))
+    log_prior = np.full((len(sets), len(union)), -np.inf)
+    for b, (index, value) in enumerate(sets):
+        log_prior[b, np.searchsorted(union, index)] = value
+    return union, log_prior
 
 
 def oversampled_orientations(sampling: Sampling, orientations, ov: int = 1) -> np.ndarray:
@@ -248,5 +265,5 @@ def oversampled_directions(order: int, ipix, ov: int = 1) -> np.ndarray:
 
 
 __all__ = ["Sampling", "angular_step", "asymmetric_unit", "healpix_directions", "oversampled_directions",
-           "local_orientations", "oversampled_orientations", "oversampled_shifts",
+           "local_orientations", "local_orientations_batch", "oversampled_orientations", "oversampled_shifts",
            "pix2ang_nest", "pix2ang_ring", "psi_angles", "translations"]

@@ -49,9 +49,9 @@ def test_refine_writes_relion_names_and_continues(dataset, capsys):
     import json
 
     saved = json.loads((out / "run_it002_state.json").read_text())
-    assert saved["iteration"] == 2 and saved["healpix_order"] >= 1
+    assert saved["iteration"] == 2 and saved["schedule"]["order"] >= 1
     third = read_particles(out / "run_it003_data.star")
-    assert json.loads((out / "run_it003_state.json").read_text())["healpix_order"] >= saved["healpix_order"]
+    assert json.loads((out / "run_it003_state.json").read_text())["schedule"]["order"] >= saved["schedule"]["order"]
     assert np.array_equal(third.random_subset, read_particles(out / "run_it002_data.star").random_subset)
 
 

@@ -81,7 +81,8 @@ def test_refinement_on_gpu_finds_the_cpu_poses(rng):
 
     truth, _, _, optics, ctf, images, halves = _simulated(rng, 80, snr=4.0)
     opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, n_iter=1,
-                         schedule=False)
+                         schedule=False, zero_mask=True, flatten_solvent=True, low_resol_join_A=40.0,
+                         particle_diameter_A=140.0)
     cpu = refine(images, ctf, optics, halves, truth, opts)
     gpu = refine(images, ctf, optics, halves, truth, opts, device=Device(0))
     same = np.all(np.isclose(cpu.eulers, gpu.eulers), axis=1)

@@ -128,11 +128,87 @@ def test_fine_pass_only_evaluates_children_of_significant_pairs(rng):
     image = rng.normal(size=(n, n // 2 + 1)) + 1j * rng.normal(size=(n, n // 2 + 1))
     coarse = np.zeros((len(s.shifts), len(s.eulers())))
     coarse[0, 3], coarse[2, 3], coarse[1, 40] = 0.5, 0.3, 0.2
-    f = fine_pass(vft, image, np.ones((n, n // 2 + 1)), np.ones(len(pix.index)), pix, s, coarse, s.shifts,
-                  box_size=n, pad=2.0, r_padded=n)
+    f = fine_pass(vft, image[None], np.ones((1, n, n // 2 + 1)), np.ones(len(pix.index)), pix, s, coarse[None],
+                  s.shifts, box_size=n, pad=2.0, r_padded=n)
     assert f.eulers.shape == (16, 3) and f.shifts_px.shape == (12, 2)        # 2 orientations x 8, 3 shifts x 4
-    post = np.asarray(f.posterior)
+    post = np.asarray(f.posterior)[0]
     # orientation 40 was significant only with shift 1: its children get no mass with shifts 0 and 2
     assert not post[:4, 8:].any() and not post[8:, 8:].any()
-    assert post.sum() == pytest.approx(1.0, abs=2e-3) and 1 <= f.n_significant <= post.size
-    assert 0 < f.pmax <= 1
+    assert post.sum() == pytest.approx(1.0, abs=2e-3) and 1 <= f.n_significant[0] <= post.size
+    assert 0 < f.pmax[0] <= 1
+
+
+def test_fine_pass_of_a_batch_equals_each_particle_alone(rng):
+    """The batch shares projections (the union of its particles' children); each particle's posterior,
+    best pose and Pmax must not depend on its batch-mates."""
+    from omlrelion.fourier.projector import volume_to_ftc
+    from omlrelion.pipeline.phantom import phantom_volume
+    from omlrelion.refine.expectation import fine_pass
+    from omlrelion.refine.sampling import Sampling
+
+    n = 24
+    vft = volume_to_ftc(phantom_volume(n, 6.0, seed=2).astype(np.float64), pad=2.0)
+    s = Sampling(1, 1.0, 1.0)
+    pix = HalfPlanePixels.of(n)
+    b, t, r = 3, len(s.shifts), len(s.eulers())
+    images = rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1))
+    ctf = rng.uniform(0.2, 1.0, size=(b, n, n // 2 + 1))
+    coarse = np.zeros((b, t, r))
+    coarse[0, 0, 3], coarse[0, 2, 3], coarse[1, 1, 40], coarse[1, 4, 41], coarse[2, 3, 100] = 0.5, 0.3, 0.2, 0.6, 1
+    prior_t = rng.normal(size=(b, t))
+    kw = dict(box_size=n, pad=2.0, r_padded=n)
+    together = fine_pass(vft, images, ctf, np.full(len(pix.index), 0.3), pix, s, coarse, s.shifts,
+                         log_prior_t=prior_t, **kw)
+    for i in range(b):
+        alone = fine_pass(vft, images[i:i + 1], ctf[i:i + 1], np.full(len(pix.index), 0.3), pix, s, coarse[i:i + 1],
+                          s.shifts, log_prior_t=prior_t[i:i + 1], **kw)
+        np.testing.assert_allclose(together.best_euler[i], alone.best_euler[0])
+        np.testing.assert_allclose(together.best_shift[i], alone.best_shift[0])
+        assert together.pmax[i] == pytest.approx(alone.pmax[0], rel=1e-10)
+        assert together.n_significant[i] == alone.n_significant[0]
+        # the same posterior mass on the same (orientation, shift) points
+        mine = {(tuple(np.round(together.shifts_px[a], 6)), tuple(np.round(together.eulers[c], 6))): v
+                for a, c, v in zip(*np.nonzero(together.posterior[i]), together.posterior[i][together.posterior[i] > 0])}
+        ref = {(tuple(np.round(alone.shifts_px[a], 6)), tuple(np.round(alone.eulers[c], 6))): v
+               for a, c, v in zip(*np.nonzero(alone.posterior[0]), alone.posterior[0][alone.posterior[0] > 0])}
+        assert mine.keys() == ref.keys()
+        assert all(mine[k] == pytest.approx(ref[k], rel=1e-10) for k in ref)
+
+
+def test_accumulate_noise_sums_are_the_posterior_weighted_residuals(rng):
+    """Brute force: sum over (b, t, r) of gamma |CTF P_r - X_b phi_t|^2 per shell, and the batch's slices
+    equal the particles' slices added one by one."""
+    from omlrelion.geometry.grids import PaddedGrid
+    from omlrelion.refine.maximization import accumulate, phase_ramps, shell_index
+
+    n, b, t, r = 16, 3, 4, 5
+    grid = PaddedGrid(n, 2.0, n // 2)
+    images = rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1))
+    ctf = rng.uniform(-1, 1, size=(b, n, n // 2 + 1))
+    proj = rng.normal(size=(r, n, n // 2 + 1)) + 1j * rng.normal(size=(r, n, n // 2 + 1))
+    post = rng.uniform(size=(b, t, r)) * (rng.uniform(size=(b, t, r)) < 0.4)
+    eulers = rng.uniform(-180, 180, size=(r, 3))
+    shifts = rng.uniform(-2, 2, size=(t, 2))
+    inv = rng.uniform(0.5, 2.0, size=(n, n // 2 + 1))
+    kw = dict(box_size=n, pad=2.0, r_padded=grid.r_padded, projections=proj, angpix=1.5)
+    data, weight = np.zeros(grid.shape, complex), np.zeros(grid.shape)
+    sums = accumulate(data, weight, images, ctf, inv, post, eulers, shifts, old_offsets_px=np.ones((b, 2)), **kw)
+    phi = phase_ramps(shifts, n, n, np, complex)
+    shells = shell_index(n)
+    ky = np.where(np.arange(n) <= n // 2, np.arange(n), np.arange(n) - n)[:, None] * np.ones((1, n // 2 + 1))
+    use = ~((np.arange(n // 2 + 1)[None, :] == 0) & (ky < 0)) & (shells < n // 2 + 1)
+    want = np.zeros(n // 2 + 1)
+    for i in range(b):
+        for j in range(t):
+            for k in range(r):
+                res = post[i, j, k] * np.abs(ctf[i] * proj[k] - images[i] * phi[j]) ** 2
+                want += np.bincount(shells[use], weights=res[use], minlength=n // 2 + 1)[:n // 2 + 1]
+    np.testing.assert_allclose(sums["sigma2_sum"], want, rtol=1e-10)
+    assert sums["gamma_sum"] == pytest.approx(post.sum())
+    assert sums["offset_sum"] == pytest.approx(
+        sum(post[i, j].sum() * ((1 + shifts[j]) ** 2).sum() for i in range(b) for j in range(t)) * 1.5**2)
+    d1, w1 = np.zeros(grid.shape, complex), np.zeros(grid.shape)
+    for i in range(b):
+        accumulate(d1, w1, images[i:i + 1], ctf[i:i + 1], inv, post[i:i + 1], eulers, shifts, **kw)
+    np.testing.assert_allclose(data, d1, atol=1e-12)
+    np.testing.assert_allclose(weight, w1, atol=1e-12)
