@@ -66,7 +66,9 @@ def run_relion(work: Path, iters: int, mpi: int) -> list[dict]:
     cmd = relion_options(mpi, 1)
     log = open(out / "log.txt", "w")
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # OpenMPI's shared-memory single-copy path fails in containers without ptrace rights
+    env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     peak = 0
     target = out / f"run_it{iters:03d}_half2_model.star"
     while proc.poll() is None and not target.exists():
@@ -78,7 +80,8 @@ def run_relion(work: Path, iters: int, mpi: int) -> list[dict]:
         proc.wait()
     log.close()
     if not target.exists():
-        raise SystemExit(f"RELION stopped before iteration {iters}: see {out / 'log.txt'}")
+        tail = (out / "log.txt").read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
+        raise SystemExit(f"RELION stopped before iteration {iters}:\n" + "\n".join(tail))
     rows, last = [], t0
     for k in range(0, iters + 1):
         model = out / f"run_it{k:03d}_half1_model.star"
@@ -148,6 +151,9 @@ def main(argv=None) -> int:
                     "--source-angpix", "5", "--box", str(args.box), "--n", str(args.n), "--snr", "0.05",
                     "--o", str(work)], check=True)
     ours = run_ours(work, args.iters, args.device)
+    for o in ours:
+        print(f"ours iteration {o['iteration']}: {o['seconds']:.2f} s, size {o['size']}, order {o['order']}, "
+              f"{o['peak_bytes'] / 1e9:.2f} GB, {o['evaluations'] / o['seconds']:.3g} evaluations/s", flush=True)
     relion = [] if args.skip_relion else run_relion(work, args.iters, args.mpi)
     name = args.device
     try:

@@ -49,7 +49,9 @@ def fourier_resample(volume: np.ndarray, box_size: int) -> np.ndarray:
 
 
 def relion_options(mpi: int, threads: int) -> list[str]:
-    return (["mpirun", "--oversubscribe", "--allow-run-as-root", "-n", str(mpi), "relion_refine_mpi"]
+    # the program by its full path: MPI starts ranks with argv[0] as given (wrappers resolve from it)
+    program = shutil.which("relion_refine_mpi") or "relion_refine_mpi"
+    return (["mpirun", "--oversubscribe", "--allow-run-as-root", "-n", str(mpi), program]
             + ["--i", "particles_start.star", "--ref", "start.mrc", "--o", "relion/run", "--auto_refine",
                "--split_random_halves", "--ctf", "--ini_high", str(INI_HIGH_A),
                "--particle_diameter", str(PARTICLE_DIAMETER_A), "--flatten_solvent", "--zero_mask",
@@ -103,7 +105,8 @@ def run_program(args, name: str, cmd: list[str]) -> None:
     with open(d / "log.txt", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, cwd=d.parent, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
+        proc = subprocess.run(cmd, cwd=d.parent, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - t0
     (d / "wall_seconds.json").write_text(json.dumps({"seconds": seconds, "returncode": proc.returncode}))
     print(f"{name}: exit {proc.returncode} in {seconds:.1f} s (log {d / 'log.txt'})")

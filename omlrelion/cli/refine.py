@@ -61,7 +61,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed_sampling", action="store_true",
                    help="keep --healpix_order and the offsets throughout (no sampling updates)")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
-    p.add_argument("--batch", type=int, default=64, help="particles per E-step batch (default 64)")
+    p.add_argument("--batch", type=int, default=256, help="particles per E-step batch (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
     p.add_argument("--device", default="cpu", help="cpu or gpu[:ID] (default cpu)")
     p.add_argument("--continue", dest="resume", type=Path, default=None,

@@ -67,7 +67,7 @@ class RefineOptions:
     n_iter: int = 5
     sigma_offset_A: float = 10.0
     adaptive_fraction: float = 0.999
-    batch: int = 64
+    batch: int = 256
     oversampling: int = 1            # RELION's default: a second pass on the 2x finer grid (0: one pass)
     schedule: bool = True            # RELION's sampling updates (5.5); False: the starting sampling throughout
     max_order: int = 8               # the finest HEALPix order the schedule may reach
@@ -208,7 +208,9 @@ def circular_mask(n: int, radius_px: float, xp, *, width: float = 5.0):
 
 def solvent_flatten(volume, radius_px: float, *, width: float = 5.0):
     """RELION's --flatten_solvent without a user mask: multiply by a soft sphere (1 inside, 0 outside)."""
-    return volume * (1.0 - soft_edge(radial_distance(volume.shape[0], np), radius=radius_px, width=width))
+    xp = get_xp(volume)
+    mask = 1.0 - soft_edge(radial_distance(volume.shape[0], xp, dtype=volume.dtype), radius=radius_px, width=width)
+    return volume * mask.astype(volume.dtype)
 
 
 def low_resolution_join(sums, *, grid: PaddedGrid, shell: int) -> None:
@@ -225,10 +227,11 @@ def low_resolution_join(sums, *, grid: PaddedGrid, shell: int) -> None:
             sums[h][part][...] = xp.where(inside, mean, sums[h][part])
 
 
-def _prepare_batch(images_ft, sel, centres_px, mask, sizes, xp, cplx, real):
-    """A batch's transforms recentred on their rounded offsets (RELION 3.1): the unmasked window of the
-    current size (for back-projection) and the masked windows of each size in `sizes` (likelihoods)."""
-    x = shift_2d(xp.asarray(images_ft[sel].astype(cplx)), centres_px)
+def _prepare_batch(images, sel, centres_px, mask, sizes, xp, cplx, real):
+    """A batch's transforms (made on the device) recentred on their rounded offsets (RELION 3.1): the
+    unmasked window of the current size (for back-projection) and the masked windows of each size in
+    `sizes` (likelihoods)."""
+    x = shift_2d(rfft2_centred(xp.asarray(images[sel], dtype=real)).astype(cplx), centres_px)
     n = x.shape[-2]
     xm = x if mask is None else rfft2_centred((irfft2_centred(x, n) * mask).astype(real))
     return window_2d(x, sizes[0]).astype(cplx), [window_2d(xm, c).astype(cplx) for c in sizes]
@@ -252,14 +255,14 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     real = np.float64 if device.gpu is None else np.float32
     cplx = np.result_type(real, np.complex64)
     apix = optics.angpix
-    images_ft = rfft2_centred(images.astype(np.float64))
-    ctf_full = ctf_2d(optics, ctf, dtype=np.float64)
     radius_px = (opts.particle_diameter_A or (n - 5) * apix) / (2 * apix)
     mask_h = circular_mask(n, radius_px, np) if opts.zero_mask else None
     if state is None:
         start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=apix, resolution_A=opts.ini_high_A)
-        masked = images_ft if mask_h is None else rfft2_centred(images.astype(np.float64) * mask_h)
-        sigma2 = [initial_sigma2(masked[halves == h]) for h in (1, 2)]
+        sigma2 = []
+        for h in (1, 2):                # RELION: from up to 1000 particles (spec 5.9)
+            first = images[np.flatnonzero(halves == h)[:1000]].astype(np.float64)
+            sigma2.append(initial_sigma2(rfft2_centred(first if mask_h is None else first * mask_h)))
         state = RefineState(
             maps=[start, start.copy()], sigma2=sigma2, sigma_offset_A=[opts.sigma_offset_A] * 2,
             r_star=relion_round(n * apix / opts.ini_high_A),
@@ -280,7 +283,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 break
             if opts.schedule:
                 r_acc = min(n // 2, state.r_star + state.incr_size)
-                sch.acc_rot_deg, sch.acc_trans_px = _accuracy(state, images_ft, ctf_full, halves, optics, opts,
+                sch.acc_rot_deg, sch.acc_trans_px = _accuracy(state, ctf, halves, optics, opts,
                                                               device, r_acc, real, cplx)
                 sch.update_sampling(ov=ov, angpix=apix, offset_change_A=state.offset_change_A,
                                     max_order=opts.max_order, auto_local_order=opts.auto_local_order)
@@ -305,7 +308,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             sig = state.sigma2[h - 1]
             inv = inverse_sigma2_plane(sig, c)
             with device.use():
-                vft = xp.asarray(volume_to_ftc(state.maps[h - 1], pad=opts.pad, r_max=r_max).astype(cplx))
+                vft = volume_to_ftc(xp.asarray(state.maps[h - 1], dtype=real), pad=opts.pad, r_max=r_max)
                 cc = c if sch.local or ov == 0 else coarse_size(
                     n, apix, c, sch.order, opts.particle_diameter_A or (n - 5) * apix)
                 proj_c = proj = None
@@ -324,8 +327,9 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 for start_i in range(0, len(idx), opts.batch):
                     sel = idx[start_i:start_i + opts.batch]
                     centre = np.rint(state.shifts_px[sel])
-                    x, (xm, xm_c) = _prepare_batch(images_ft, sel, centre, mask, (c, cc), xp, cplx, real)
-                    ct = xp.asarray(window_2d(ctf_full[sel], c).astype(real))
+                    x, (xm, xm_c) = _prepare_batch(images, sel, centre, mask, (c, cc), xp, cplx, real)
+                    ct_full = ctf_2d(optics, ctf.take(sel), xp=xp, dtype=real)
+                    ct = window_2d(ct_full, c)
                     prior = offset_log_prior(centre, shifts, angpix=apix,
                                              sigma_offset_A=state.sigma_offset_A[h - 1], xp=xp)[:, :, None]
                     if sch.local:
@@ -336,7 +340,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                         state.shifts_px[sel] += centre
                         batch_stats.extend(found[4])
                         continue
-                    ct_c = ct if cc == c else xp.asarray(window_2d(ctf_full[sel], cc).astype(real))
+                    ct_c = ct if cc == c else window_2d(ct_full, cc)
                     e = expectation(proj_c, xm_c, ct_c, noise_c if cc < c else noise_w, shifts,
                                     pix_c if cc < c else pix, box_size=n, log_prior=prior,
                                     adaptive_fraction=opts.adaptive_fraction)
@@ -374,12 +378,11 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             tau2, sigma2_ref, ssnr = tau2_from_fsc(host[h - 1][1], curve, grid=grid, whole_data=False)
             spectra.append({"tau2": tau2.tolist(), "sigma2_ref": sigma2_ref.tolist(), "ssnr": ssnr.tolist()})
             with device.use():
-                new_map = to_numpy(reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
-                                                   skip_gridding=opts.skip_gridding, tau2=tau2,
-                                                   minres_map=MINRES_MAP)).astype(np.float64)
-            if opts.flatten_solvent and not final:
-                new_map = solvent_flatten(new_map, radius_px)
-            state.maps[h - 1] = new_map
+                new_map = reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
+                                          skip_gridding=opts.skip_gridding, tau2=tau2, minres_map=MINRES_MAP)
+                if opts.flatten_solvent and not final:
+                    new_map = solvent_flatten(new_map, radius_px)
+                state.maps[h - 1] = to_numpy(new_map).astype(np.float64)
             state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
             state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
         del sums
@@ -417,17 +420,17 @@ def _update_resolution(state: RefineState, curve, n: int) -> None:
         state.high_fsc_at_limit = True
 
 
-def _accuracy(state, images_ft, ctf_full, halves, optics, opts, device, r_max, real, cplx):
+def _accuracy(state, ctf, halves, optics, opts, device, r_max, real, cplx):
     """5.4 on the first 100 particles of half 1, against half 1's map on the current window."""
     xp = device.xp
-    n = images_ft.shape[-2]
+    n = optics.box_size
     c = min(n, 2 * r_max)
     sel = np.flatnonzero(halves == 1)[:100]
     pix = HalfPlanePixels.of(c)
     grid = PaddedGrid(n, opts.pad, r_max)
     with device.use():
-        vft = xp.asarray(volume_to_ftc(state.maps[0], pad=opts.pad, r_max=r_max).astype(cplx))
-        ct = xp.asarray(window_2d(ctf_full[sel], c).astype(real))
+        vft = volume_to_ftc(xp.asarray(state.maps[0], dtype=real), pad=opts.pad, r_max=r_max)
+        ct = window_2d(ctf_2d(optics, ctf.take(sel), xp=xp, dtype=real), c)
         noise_w = xp.asarray(inverse_sigma2_plane(state.sigma2[0], c).ravel()[pix.index], dtype=real)
         rng = np.random.default_rng(len(state.history))
         return accuracy_estimates(vft, state.eulers[sel], ct, noise_w, pix, box_size=n, pad=opts.pad,
