@@ -141,23 +141,31 @@ def crossing_A(curve: np.ndarray, threshold: float, n: int, angpix: float) -> fl
     return n * angpix / max(shell, 1)
 
 
-def summarise(d: Path, name: str, truth_particles, truth_map: np.ndarray, angpix: float) -> dict:
+def summarise(d: Path, name: str, truth_particles, truth_map: np.ndarray, angpix: float, suffix: str = "") -> dict:
+    """Final numbers of one program's run: its own rlnCurrentResolution; the FSC 0.143 crossing of the
+    halves' FSC in its final model.star (the same rule for both programs); pose errors to the truth;
+    the final map's FSC against the true map; wall time."""
     from omlrelion.io.mrc import read_map
     from omlrelion.io.star import read_particles, read_star_table
 
     run = d / name
-    data = read_particles(run / "run_data.star")
-    name_to_row = {nm: i for i, nm in enumerate(truth_particles.table["rlnImageName"])}
-    rows = np.array([name_to_row[nm] for nm in data.table["rlnImageName"]])
+    data = read_particles(run / f"run{suffix}_data.star")
+    # the same stack: match particles by their image number in it
+    index_to_row = {int(k): i for i, k in enumerate(truth_particles.image_indices)}
+    rows = np.array([index_to_row[int(k)] for k in data.image_indices])
     err = angular_error_deg(data.eulers_deg, truth_particles.eulers_deg[rows])
     off = (data.shifts_px - truth_particles.shifts_px[rows]) * angpix
-    model = read_star_table(run / "run_model.star", block="model_general")
-    final, _ = read_map(run / "run_class001.mrc")
+    model_star = run / (f"run{suffix}_half1_model.star" if suffix else "run_model.star")
+    model = read_star_table(model_star, block="model_general")
+    halves_fsc = read_star_table(model_star, block="model_class_1")["rlnGoldStandardFsc"].to_numpy(float)
+    final, _ = read_map(run / (f"run{suffix}_half1_class001.mrc" if suffix else "run_class001.mrc"))
     curve = fsc_volumes(final.astype(np.float64), truth_map)
     n = truth_map.shape[0]
-    wall = json.loads((run / "wall_seconds.json").read_text())["seconds"]
+    wall = (json.loads((run / "wall_seconds.json").read_text())["seconds"] if not suffix
+            else model_star.stat().st_mtime - (run / "run_it000_half1_model.star").stat().st_mtime)
     iters = sorted(run.glob("run_it*_half1_model.star"))
-    return {"program": name, "resolution_A": float(model["rlnCurrentResolution"].iloc[0]),
+    return {"program": name + suffix, "resolution_A": float(model["rlnCurrentResolution"].iloc[0]),
+            "halves_fsc0143_A": crossing_A(halves_fsc, 0.143, n, angpix),
             "iterations": len(iters), "median_angular_error_deg": float(np.median(err)),
             "mean_angular_error_deg": float(np.mean(err)),
             "rms_offset_error_A": float(np.sqrt(np.mean(np.sum(off ** 2, axis=1)))),
@@ -169,12 +177,16 @@ def compare(args) -> None:
     from omlrelion.io.mrc import read_map
     from omlrelion.io.star import read_particles
 
-    d = Path(args.dir)
+    d = Path(args.dir).resolve()
+    os.chdir(d)          # RELION's image names are relative to its project folder
     truth_map, angpix = read_map(d / "truth.mrc")
     truth_particles = read_particles(d / "particles.star")
     rows = [summarise(d, name, truth_particles, truth_map.astype(np.float64), angpix)
             for name in ("relion", "ours") if (d / name / "run_class001.mrc").exists()]
-    cols = ["program", "iterations", "resolution_A", "median_angular_error_deg", "mean_angular_error_deg",
+    if args.relion_iteration:           # a RELION run still going: its latest iteration
+        rows.append(summarise(d, "relion", truth_particles, truth_map.astype(np.float64), angpix,
+                              suffix=f"_it{args.relion_iteration:03d}"))
+    cols = ["program", "iterations", "resolution_A", "halves_fsc0143_A", "median_angular_error_deg", "mean_angular_error_deg",
             "rms_offset_error_A", "map_vs_truth_fsc05_A", "map_vs_truth_fsc0143_A", "wall_seconds"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -205,6 +217,8 @@ def main(argv=None) -> int:
     o.add_argument("--device", default="cpu")
     c = sub.add_parser("compare")
     c.add_argument("--dir", required=True)
+    c.add_argument("--relion-iteration", dest="relion_iteration", type=int, default=None,
+                   help="also summarise this iteration of RELION's run (e.g. one still going)")
     args = p.parse_args(argv)
     if args.stage == "prepare":
         prepare(args)

@@ -94,6 +94,7 @@ def main(args: argparse.Namespace) -> dict:
     from omlrelion.reconstruct.fsc import MINRES_MAP, tau2_from_fsc
     from omlrelion.reconstruct.gridding import reconstruct_map
     from omlrelion.refine.autorefine import RefineOptions, refine
+    from omlrelion.pipeline.logs import progress
     from omlrelion.refine.outputs import write_model_star
 
     if args.iter is None:
@@ -137,11 +138,12 @@ def main(args: argparse.Namespace) -> dict:
 
     # the iteration number is the length of the history, which a resumed state carries on
     state = refine(images, ctf, optics, halves, start, opts, device=device, state=state, on_iteration=after_iteration,
-                   initial_eulers=particles.eulers_deg, initial_shifts_px=particles.shifts_px)
+                   initial_eulers=particles.eulers_deg, initial_shifts_px=particles.shifts_px, progress=progress)
     # RELION's final iteration: every particle aligned once more against its half map on all the data
     # up to Nyquist, then the halves' sums joined (tau2 from the full-data FSC) and the unfiltered halves
     state = refine(images, ctf, optics, halves, start, replace(opts, n_iter=1), device=device, state=state,
-                   final=True, on_iteration=lambda st: _progress_line(st, time.perf_counter() - clock[0]))
+                   final=True, on_iteration=lambda st: _progress_line(st, time.perf_counter() - clock[0]),
+                   progress=progress)
     (d1, w1), (d2, w2) = state.last_sums
     grid, last = state.last_grid, state.history[-1]
     tau2, sigma2, ssnr = tau2_from_fsc(w1 + w2, last["fsc"], grid=grid, whole_data=True)
@@ -159,23 +161,27 @@ def main(args: argparse.Namespace) -> dict:
     write_map(f"{root}_class001.mrc", joined, optics.angpix)
     for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
         write_map(f"{root}_half{h}_class001_unfil.mrc", on_device(d, w), optics.angpix)
-    write_model_star(f"{root}_model.star", _model(last, optics, grid), tau2, sigma2, ssnr, fudge=1.0,
+    final_A = _final_resolution(last)
+    final_model = dict(_model(last, optics, grid), current_resolution_A=final_A, resolution_0143_A=final_A)
+    write_model_star(f"{root}_model.star", final_model, tau2, sigma2, ssnr, fudge=1.0,
                      reference=Path(f"{root}_class001.mrc").name)
     _write_data(f"{root}_data.star", state, particles, halves)
-    summary = {"iterations": len(state.history), "resolution_A": last["resolution_A"],
+    summary = {"iterations": len(state.history), "resolution_A": final_A,
                "converged": state.converged,
                "history": [{k: v for k, v in h.items() if k != "halves"} for h in state.history]}
     print(f"omlrelion refine: {len(state.history)} iterations"
-          f"{' (converged)' if state.converged else ''}, final resolution {_final_resolution(last):.2f} A "
+          f"{' (converged)' if state.converged else ''}, final resolution {final_A:.2f} A "
           f"(gold-standard FSC 0.143), final map {root}_class001.mrc")
     return summary
 
 
 def _final_resolution(entry: dict) -> float:
-    """The joined halves' resolution: FSC 0.143 between the halves' sums (RELION's final r*)."""
-    curve = np.asarray(entry["fsc"])
-    below = np.flatnonzero(curve[1:] < 0.143)
-    shell = below[0] if below.size else len(curve) - 1
+    """The joined halves' resolution, RELION's final r*: its rule on the full-data FSC sqrt(2f / (1 + f)),
+    i.e. where the halves' FSC drops below 1/7 (0.143)."""
+    from omlrelion.reconstruct.fsc import resolution_shell
+
+    f = np.clip(np.asarray(entry["fsc"], dtype=np.float64), 0.0, 1.0)
+    shell = resolution_shell(np.sqrt(2 * f / (1 + f)))
     return entry["resolution_A"] * entry["r_star"] / max(shell, 1)
 
 

@@ -239,14 +239,16 @@ def _prepare_batch(images, sel, centres_px, mask, sizes, xp, cplx, real):
 
 def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
            device: Device = Device(), state: RefineState | None = None, final: bool = False,
-           on_iteration=None, initial_eulers=None, initial_shifts_px=None) -> RefineState:
+           on_iteration=None, initial_eulers=None, initial_shifts_px=None, progress=None) -> RefineState:
     """Run up to `opts.n_iter` iterations on images (M, N, N) with half sets `halves` (M,) in {1, 2}.
 
     With `opts.auto_refine` the loop stops early once RELION's convergence test passes
     (`state.converged`). final: RELION's last iteration, on all the data up to Nyquist (current size
     N; the caller joins the halves' sums, `state.last_sums`, for the final map). on_iteration: called
     with the state after every iteration (e.g. to write its files). initial_eulers/shifts_px: the
-    input poses (their rounded offsets centre the first translational search).
+    input poses (their rounded offsets centre the first translational search). progress: a factory
+    (total, desc) -> bar with update(n) and close() (e.g. `pipeline.logs.progress`), a bar over the
+    particles of each iteration.
     """
     images = np.asarray(images)
     m, n = images.shape[0], images.shape[-1]
@@ -301,6 +303,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         grid = PaddedGrid(n, opts.pad, r_max)
         pix = HalfPlanePixels.of(c)
         old_eulers, old_shifts = state.eulers.copy(), state.shifts_px.copy()
+        bar = None if progress is None else progress(m, f"iteration {len(state.history) + 1}")
         sums, stats = [], []
         cc = c
         for h in (1, 2):
@@ -326,6 +329,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 batch_stats = []
                 for start_i in range(0, len(idx), opts.batch):
                     sel = idx[start_i:start_i + opts.batch]
+                    if bar is not None:
+                        bar.update(len(sel))
                     centre = np.rint(state.shifts_px[sel])
                     x, (xm, xm_c) = _prepare_batch(images, sel, centre, mask, (c, cc), xp, cplx, real)
                     ct_full = ctf_2d(optics, ctf.take(sel), xp=xp, dtype=real)
@@ -364,6 +369,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 hermitian_repair(data, weight)
                 sums.append([data, weight])
             stats.append(batch_stats)
+        if bar is not None:
+            bar.close()
         angle_change, offset_change = hidden_variable_changes(old_eulers, state.eulers, old_shifts, state.shifts_px,
                                                               angpix=apix)
         state.offset_change_A = offset_change
