@@ -60,9 +60,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="no iterative gridding in the M-step (relion_refine 3.1 grids by default)")
     p.add_argument("--fixed_sampling", action="store_true",
                    help="keep --healpix_order and the offsets throughout (no sampling updates)")
+    p.add_argument("--perturb", type=float, default=0.5,
+                   help="random perturbation of the sampling grids each iteration, in coarse steps "
+                        "(RELION's; default 0.5, 0: none)")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
     p.add_argument("--batch", type=int, default=256, help="particles per E-step batch (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random half sets when the STAR file has none")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random half sets when the STAR file has none, and of the perturbation")
     p.add_argument("--device", default="cpu", help="cpu or gpu[:ID] (default cpu)")
     p.add_argument("--continue", dest="resume", type=Path, default=None,
                    help="an ROOT_itNNN_state.json of an earlier run: continue after that iteration")
@@ -124,7 +128,7 @@ def main(args: argparse.Namespace) -> dict:
                          auto_local_order=args.auto_local_healpix_order, particle_diameter_A=args.particle_diameter,
                          auto_refine=args.auto_refine, skip_gridding=args.skip_gridding, zero_mask=args.zero_mask,
                          flatten_solvent=args.flatten_solvent, low_resol_join_A=args.low_resol_join_halves,
-                         schedule=not args.fixed_sampling)
+                         schedule=not args.fixed_sampling, perturb=args.perturb, random_seed=args.seed)
     state = None
     if args.resume is not None:
         state, halves = _resume(args.resume, particles.n_particles)
@@ -224,6 +228,7 @@ def _write_iteration(root: Path, it: int, state, particles, halves, optics, writ
     write_json(Path(f"{stem}_state.json"), {
         "iteration": it, "r_star": state.r_star, "schedule": asdict(state.schedule), "incr_size": state.incr_size,
         "high_fsc_at_limit": state.high_fsc_at_limit, "offset_change_A": state.offset_change_A,
+        "perturb": state.perturb,
         "sigma2": [s.tolist() for s in state.sigma2],
         "sigma_offset_A": list(state.sigma_offset_A), "history": state.history,
         "halves": halves.tolist(), "maps": [f"{Path(stem).name}_half{h}_class001.mrc" for h in (1, 2)],
@@ -251,5 +256,5 @@ def _resume(path: Path, n_particles: int):
                         pmax=np.zeros(n_particles), n_significant=np.zeros(n_particles, dtype=np.int64),
                         history=list(saved["history"]), schedule=Schedule(**saved["schedule"]),
                         incr_size=int(saved["incr_size"]), high_fsc_at_limit=bool(saved["high_fsc_at_limit"]),
-                        offset_change_A=float(saved["offset_change_A"]))
+                        offset_change_A=float(saved["offset_change_A"]), perturb=float(saved["perturb"]))
     return state, halves

@@ -14,7 +14,9 @@ Schedule (`refine.schedule`): accuracy estimates on 100 particles, finer samplin
 iteration without resolution gain and without large pose changes, convergence once the fine step
 is below 0.75 acc_rot (`auto_refine`). `final=True` runs RELION's last iteration on all data.
 
-Not done: the random perturbation of the grids, the learned direction prior of global searches,
+The sampling grids are perturbed each iteration as RELION's (`perturb`, spec 3.7).
+
+Not done: the learned direction prior of global searches,
 norm and scale corrections, symmetry in the search. `omlrelion refine` (`cli/refine.py`) writes
 RELION's file names.
 """
@@ -78,6 +80,8 @@ class RefineOptions:
     zero_mask: bool = False          # likelihoods on images masked to the particle diameter, zero outside
     flatten_solvent: bool = False    # multiply each new half map by a soft sphere of the particle diameter
     low_resol_join_A: float | None = None   # average the halves' sums below this resolution (A)
+    perturb: float = 0.5             # RELION's random perturbation of the sampling grids (0: none)
+    random_seed: int = 0             # seeds the perturbation (and nothing else)
 
 
 @dataclass
@@ -97,6 +101,7 @@ class RefineState:
     incr_size: int = 10                 # shells added to r* for the next current size (grows with the FSC)
     high_fsc_at_limit: bool = False     # FSC > 0.2 at the current size's edge once: r_max grows by N/8
     offset_change_A: float = 0.0        # RMS offset change of the last iteration
+    perturb: float = 0.0                # the sampling grids' random perturbation rho, in coarse steps
     converged: bool = False
     last_sums: list = None              # the last iteration's (data, weight) per half, and its grid
     last_grid: PaddedGrid = None
@@ -289,7 +294,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                                                               device, r_acc, real, cplx)
                 sch.update_sampling(ov=ov, angpix=apix, offset_change_A=state.offset_change_A,
                                     max_order=opts.max_order, auto_local_order=opts.auto_local_order)
-        sampling = Sampling(sch.order, sch.offset_range_px, sch.offset_step_px)
+        if opts.perturb > 0:            # spec 3.7: rho += U(f/2, f), wrapped into [-f, f]
+            f = opts.perturb
+            rng = np.random.default_rng([opts.random_seed, len(state.history)])
+            state.perturb += rng.uniform(0.5 * f, f)
+            if state.perturb > f:
+                state.perturb -= 2 * f
+        sampling = Sampling(sch.order, sch.offset_range_px, sch.offset_step_px, perturb=state.perturb)
         eulers, shifts = sampling.eulers(), sampling.shifts
         sigma_local = 2 * angular_step(sch.order + ov)
         rotations = None if sch.local else euler_to_matrix(eulers)

@@ -6,6 +6,10 @@ ceil(360 / step) angles j 360 / n_psi with step = 360 / (6 Nside). Translations:
 points of spacing `step` within radius `range`. Oversampling by `ov`: a direction's 4^ov NESTED
 children at order o + ov, psi +- step / 4 (ov = 1), shifts +- step / 4 in x and y.
 
+Perturbation (RELION's `--perturb`, spec 3.7): with `Sampling.perturb` = rho every sampled
+orientation (coarse and fine) is turned by Euler angles (a, a, a), a = rho x the coarse step, and
+every trial shift moved by rho x the coarse offset step on x and y.
+
 Symmetry: for Cn and Dn the directions are reduced to RELION's asymmetric unit (-180/n <= rot <=
 180/n; Dn also tilt <= 90). RELION's seam clean-up (directions closer than half a pixel radius to
 a symmetry mate of a kept one) is not applied, so a few seam directions may stay that RELION
@@ -146,6 +150,7 @@ class Sampling:
     offset_range_px: float
     offset_step_px: float
     symmetry: str = "C1"
+    perturb: float = 0.0      # RELION's random perturbation rho of this iteration, in coarse steps
 
     # the tables are made once per Sampling (a local search reads them for every particle), read-only
     @cached_property
@@ -172,16 +177,29 @@ class Sampling:
 
     @cached_property
     def shifts(self) -> np.ndarray:
-        return _frozen(translations(self.offset_range_px, self.offset_step_px))
+        """The trial shifts, each moved by rho coarse steps on x and y (spec 3.7)."""
+        return _frozen(translations(self.offset_range_px, self.offset_step_px) + self.perturb * self.offset_step_px)
 
     @cached_property
     def _eulers(self) -> np.ndarray:
         d, p = self.directions, self.psi
-        return _frozen(np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))]))
+        return _frozen(self.perturbed(np.column_stack([np.repeat(d, len(p), axis=0), np.tile(p, len(d))])))
 
     def eulers(self) -> np.ndarray:
         """(n_dir n_psi, 3) rot, tilt, psi; psi varies fastest (RELION's orientation order)."""
         return self._eulers
+
+    def perturbed(self, eulers: np.ndarray) -> np.ndarray:
+        """RELION's perturbation of sampled orientations: each matrix right-multiplied by the rotation
+        of Euler angles (a, a, a), a = rho x the coarse angular step."""
+        if self.perturb == 0:
+            return eulers
+        from omlrelion.geometry.euler import euler_to_matrix, matrix_to_euler
+
+        a = self.perturb * angular_step(self.order)
+        shape = eulers.shape
+        turned = euler_to_matrix(eulers.reshape(-1, 3)) @ euler_to_matrix(np.array([[a, a, a]]))[0]
+        return matrix_to_euler(turned).reshape(shape)
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -244,7 +262,7 @@ def oversampled_orientations(sampling: Sampling, orientations, ov: int = 1) -> n
     out = np.empty((len(orientations), n_dir * n_p, 3))
     out[:, :, :2] = np.repeat(dirs, n_p, axis=1)
     out[:, :, 2] = np.tile(fine_psi, (1, n_dir))
-    return out
+    return sampling.perturbed(out)
 
 
 def oversampled_shifts(shifts_px, step_px: float, ov: int = 1) -> np.ndarray:

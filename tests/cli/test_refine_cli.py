@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -53,6 +56,32 @@ def test_refine_writes_relion_names_and_continues(dataset, capsys):
     third = read_particles(out / "run_it003_data.star")
     assert json.loads((out / "run_it003_state.json").read_text())["schedule"]["order"] >= saved["schedule"]["order"]
     assert np.array_equal(third.random_subset, read_particles(out / "run_it002_data.star").random_subset)
+
+
+@pytest.mark.skipif(shutil.which("relion_postprocess") is None, reason="needs RELION's relion_postprocess")
+def test_relion_postprocess_reads_our_final_half_maps(dataset, tmp_path):
+    """RELION's post-processing takes our unfiltered halves as it takes its own (it finds half 2 by name)."""
+    out = tmp_path / "Refine3D"
+    out.mkdir()
+    assert run(["refine", "--i", str(dataset / "particles.star"), "--ref", str(dataset / "start.mrc"), "--o",
+                str(out / "run"), "--ini_high", "20", "--healpix_order", "1", "--offset_range", "2",
+                "--offset_step", "1", "--iter", "1"]) == 0
+    post = tmp_path / "PostProcess"
+    post.mkdir()
+    from omlrelion.refine.autorefine import solvent_flatten
+
+    write_map(tmp_path / "mask.mrc", solvent_flatten(np.ones((32, 32, 32)), 12.0).astype(np.float32), 5.0)
+    done = subprocess.run(["relion_postprocess", "--i", str(out / "run_half1_class001_unfil.mrc"), "--o",
+                           str(post / "postprocess"), "--angpix", "5", "--adhoc_bfac", "-100",
+                           "--mask", str(tmp_path / "mask.mrc")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    fsc = read_star_table(post / "postprocess.star", block="fsc", required=("rlnFourierShellCorrelationUnmaskedMaps",))
+    curve = fsc["rlnFourierShellCorrelationUnmaskedMaps"].to_numpy(float)
+    ours = read_star_table(out / "run_model.star", block="model_class_1")["rlnGoldStandardFsc"].to_numpy(float)
+    assert curve[1] > 0.9 and len(curve) == 17
+    # RELION's FSC of our half maps falls where ours of the halves' sums does (within two shells at 0.5)
+    assert abs(int(np.argmax(curve < 0.5)) - int(np.argmax(ours < 0.5))) <= 2
 
 
 @pytest.mark.parametrize("change, message", [

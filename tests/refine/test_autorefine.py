@@ -65,7 +65,7 @@ def test_schedule_goes_to_finer_local_searches_and_improves_the_poses(rng):
     the global order-2 grid allows."""
     truth, rotations, _, optics, ctf, images, halves = _simulated(rng, 100, snr=2.0)
     opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
-                         n_iter=4, batch=50, auto_local_order=3, max_order=4)
+                         n_iter=4, batch=50, auto_local_order=3, max_order=4, perturb=0.0)   # the floor is the fixed grid's
     state = refine(images, ctf, optics, halves, truth, opts)
     orders = [h["healpix_order"] for h in state.history]
     assert orders[0] == 2 and orders == sorted(orders) and orders[-1] > 2
@@ -104,3 +104,18 @@ def test_coarse_size_follows_relion_and_the_first_pass_may_use_it(rng):
     assert all(h["coarse_size"] < h["current_size"] for h in state.history)
     cos = (np.einsum("mij,mij->m", euler_to_matrix(state.eulers), rotations) - 1) / 2
     assert np.median(np.degrees(np.arccos(np.clip(cos, -1, 1)))) < 12.0
+
+
+def test_auto_refine_converges_and_stops(rng):
+    """--auto_refine: the loop stops on RELION's test (fine enough sampling, no resolution gain, no large
+    pose changes) before its iteration limit, with the accuracy and changes recorded per iteration."""
+    truth, rotations, _, optics, ctf, images, halves = _simulated(rng, 120, snr=2.0)
+    opts = RefineOptions(healpix_order=1, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
+                         n_iter=20, auto_refine=True, auto_local_order=2, max_order=2, particle_diameter_A=140.0,
+                         zero_mask=True, flatten_solvent=True)
+    state = refine(images, ctf, optics, halves, truth, opts)
+    assert state.converged and len(state.history) < 20
+    assert state.schedule.fine_enough and state.schedule.iter_wo_gain >= 1
+    assert all(h["acc_rot_deg"] < 999 for h in state.history[1:])
+    cos = (np.einsum("mij,mij->m", euler_to_matrix(state.eulers), rotations) - 1) / 2
+    assert np.median(np.degrees(np.arccos(np.clip(cos, -1, 1)))) < 15.0

@@ -97,3 +97,20 @@ def test_oversampled_orientations_and_shifts_follow_relion():
     assert np.all(angle < angular_step(1))
     t = oversampled_shifts([[0.0, 0.0], [1.0, -1.0]], 1.0)
     np.testing.assert_allclose(t[1], [[0.75, -1.25], [0.75, -0.75], [1.25, -1.25], [1.25, -0.75]])
+
+
+def test_perturbation_turns_every_orientation_and_moves_every_shift():
+    """RELION's perturbation (spec 3.7): orientations right-multiplied by Euler (a, a, a), a = rho x the
+    coarse step, coarse and oversampled alike; shifts moved by rho x the coarse offset step."""
+    from omlrelion.geometry.euler import euler_to_matrix
+    from omlrelion.refine.sampling import Sampling, angular_step, oversampled_orientations
+
+    plain, turned = Sampling(1, 2.0, 1.0), Sampling(1, 2.0, 1.0, perturb=0.3)
+    a = 0.3 * angular_step(1)
+    r = euler_to_matrix(np.array([[a, a, a]]))[0]
+    np.testing.assert_allclose(euler_to_matrix(turned.eulers()), euler_to_matrix(plain.eulers()) @ r, atol=1e-12)
+    fine_plain = oversampled_orientations(plain, [5, 77])
+    fine_turned = oversampled_orientations(turned, [5, 77])
+    np.testing.assert_allclose(euler_to_matrix(fine_turned), euler_to_matrix(fine_plain) @ r, atol=1e-12)
+    np.testing.assert_allclose(turned.shifts, plain.shifts + 0.3)
+    assert Sampling(1, 2.0, 1.0, perturb=0.0).eulers() is not None
