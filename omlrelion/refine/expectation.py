@@ -81,13 +81,30 @@ def offset_log_prior(old_offsets_px, shifts_px, *, angpix: float, sigma_offset_A
 
 
 def significant_threshold(weights, fraction: float = 0.999):
-    """Per row of `weights` (B, H): the smallest weight among the largest ones summing past
-    `fraction` of the row sum (RELION's adaptive significance threshold)."""
+    """Per row of `weights` (B, H), non-negative: the smallest weight among the largest ones summing
+    past `fraction` of the row sum (RELION's adaptive significance threshold).
+
+    Only weights >= (1 - fraction) sum / H can be significant (the H - k smaller ones of a row sum to
+    less than 1 - fraction of it), so only those are sorted, packed into the first columns of a
+    (B, K) array, K the largest count of a row; the result is the one a sort of whole rows gives."""
     xp = get_xp(weights)
-    s = -xp.sort(-weights, axis=1)
+    b, h = weights.shape
+    total = weights.sum(axis=1)
+    floor = (1.0 - fraction) * total / h
+    cand = weights >= floor[:, None]
+    count = cand.sum(axis=1)
+    k_max = max(int(count.max()), 1)
+    if k_max < h // 2:
+        rows, cols = xp.nonzero(cand)
+        slot = (xp.cumsum(cand, axis=1) - 1)[rows, cols]
+        packed = xp.zeros((b, k_max), dtype=weights.dtype)
+        packed[rows, slot] = weights[rows, cols]
+    else:
+        packed = weights
+    s = -xp.sort(-packed, axis=1)
     csum = xp.cumsum(s, axis=1)
-    k = (csum < fraction * csum[:, -1:]).sum(axis=1)                        # first position past the fraction
-    k = xp.minimum(k, weights.shape[1] - 1)
+    k = (csum < fraction * total[:, None]).sum(axis=1)                      # first position past the fraction
+    k = xp.minimum(k, xp.maximum(count, 1) - 1) if packed is not weights else xp.minimum(k, h - 1)
     return xp.take_along_axis(s, k[:, None], axis=1)[:, 0]
 
 
