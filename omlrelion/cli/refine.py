@@ -168,7 +168,7 @@ def main(args: argparse.Namespace) -> dict:
     final_A = _final_resolution(last)
     final_model = dict(_model(last, optics, grid), current_resolution_A=final_A, resolution_0143_A=final_A)
     write_model_star(f"{root}_model.star", final_model, tau2, sigma2, ssnr, fudge=1.0,
-                     reference=Path(f"{root}_class001.mrc").name)
+                     reference=Path(f"{root}_class001.mrc").name, sigma2_noise=state.sigma2[0])
     _write_data(f"{root}_data.star", state, particles, halves)
     summary = {"iterations": len(state.history), "resolution_A": final_A,
                "converged": state.converged,
@@ -201,9 +201,11 @@ def _progress_line(state, seconds: float) -> None:
 
 def _model(entry: dict, optics, grid) -> dict:
     n, apix = optics.box_size, optics.angpix
+    acc = entry.get("acc_rot_deg", 999.0)
     return {"box_size": n, "angpix": apix, "pad": grid.pad, "r_max": entry["r_max"],
             "current_resolution_A": entry["resolution_A"], "resolution_0143_A": entry["resolution_A"],
-            "fsc": entry["fsc"]}
+            "fsc": entry["fsc"], "ave_pmax": entry["ave_pmax"],
+            "acc_rot_deg": None if acc >= 999 else acc, "acc_trans_A": entry.get("acc_trans_A")}
 
 
 def _write_data(path, state, particles, halves) -> None:
@@ -223,7 +225,7 @@ def _write_iteration(root: Path, it: int, state, particles, halves, optics, writ
         spectra = entry["halves"][h - 1]
         write_model_star(f"{stem}_half{h}_model.star", _model(entry, optics, state.last_grid), spectra["tau2"],
                          spectra["sigma2_ref"], spectra["ssnr"], fudge=1.0,
-                         reference=Path(f"{stem}_half{h}_class001.mrc").name)
+                         reference=Path(f"{stem}_half{h}_class001.mrc").name, sigma2_noise=state.sigma2[h - 1])
     _write_data(f"{stem}_data.star", state, particles, halves)
     write_json(Path(f"{stem}_state.json"), {
         "iteration": it, "r_star": state.r_star, "schedule": asdict(state.schedule), "incr_size": state.incr_size,

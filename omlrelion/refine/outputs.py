@@ -7,10 +7,13 @@ import numpy as np
 from omlrelion.io.star import write_star
 
 
-def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, reference: str, curve=None) -> None:
-    """RELION's *_model.star: model_general, model_classes and the per-shell model_class_1 table.
+def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, reference: str, curve=None,
+                     sigma2_noise=None) -> None:
+    """RELION's *_model.star: model_general, model_classes, the per-shell model_class_1 table and,
+    with `sigma2_noise` (per shell), the model_optics_group_1 noise spectrum.
 
-    model: box_size, angpix, pad, r_max, current_resolution_A, resolution_0143_A and fsc (per shell).
+    model: box_size, angpix, pad, r_max, current_resolution_A, resolution_0143_A and fsc (per shell);
+    optional ave_pmax, acc_rot_deg and acc_trans_A (RELION's accuracy estimates).
     """
     import pandas as pd
 
@@ -21,11 +24,21 @@ def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, ref
                             "rlnOriginalImageSize": [box], "rlnCurrentResolution": [model["current_resolution_A"]],
                             "rlnCurrentImageSize": [2 * model["r_max"]], "rlnPaddingFactor": [model["pad"]],
                             "rlnPixelSize": [angpix], "rlnNrClasses": [1], "rlnTau2FudgeFactor": [fudge]})
+    if "ave_pmax" in model:
+        general["rlnAveragePmax"] = [model["ave_pmax"]]
     classes = pd.DataFrame({"rlnReferenceImage": [reference], "rlnClassDistribution": [1.0],
                             "rlnEstimatedResolution": [model["resolution_0143_A"]]})
+    if model.get("acc_rot_deg") is not None:
+        classes["rlnAccuracyRotations"] = [model["acc_rot_deg"]]
+        classes["rlnAccuracyTranslationsAngst"] = [model["acc_trans_A"]]
     with np.errstate(divide="ignore"):
         table = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": shells / (box * angpix),
                               "rlnAngstromResolution": np.where(shells > 0, box * angpix / np.maximum(shells, 1), 999.0),
                               "rlnSsnrMap": pad(ssnr), "rlnGoldStandardFsc": pad(model["fsc"] if curve is None else curve),
                               "rlnReferenceSigma2": pad(sigma2), "rlnReferenceTau2": pad(tau2)})
-    write_star(path, {"model_general": general, "model_classes": classes, "model_class_1": table})
+    blocks = {"model_general": general, "model_classes": classes, "model_class_1": table}
+    if sigma2_noise is not None:
+        blocks["model_optics_group_1"] = pd.DataFrame({"rlnSpectralIndex": shells,
+                                                       "rlnResolution": shells / (box * angpix),
+                                                       "rlnSigma2Noise": pad(sigma2_noise)})
+    write_star(path, blocks)

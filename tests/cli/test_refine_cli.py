@@ -47,6 +47,12 @@ def test_refine_writes_relion_names_and_continues(dataset, capsys):
                  "run_data.star", "run_model.star"):
         assert (out / name).is_file(), name
     assert "resolution" in capsys.readouterr().out
+    noise = read_star_table(out / "run_it002_half1_model.star", block="model_optics_group_1",
+                            required=("rlnSigma2Noise",))["rlnSigma2Noise"].to_numpy(float)
+    assert len(noise) == 17 and np.all(noise > 0)
+    classes = read_star_table(out / "run_it002_half1_model.star", block="model_classes")
+    assert 0 < float(classes["rlnAccuracyRotations"].iloc[0]) <= 30
+    assert 0 < float(classes["rlnAccuracyTranslationsAngst"].iloc[0]) <= 50
     # continue after iteration 2: iteration 3 is written, with the same half sets
     assert _refine(dataset, "--iter", "1", "--continue", str(out / "run_it002_state.json")) == 0
     import json
