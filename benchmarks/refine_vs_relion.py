@@ -122,31 +122,13 @@ def angular_error_deg(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cos, -1, 1)))
 
 
-def fsc_volumes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
-    n = a.shape[0]
-    k = np.fft.fftfreq(n) * n
-    r = np.rint(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2
-                        + np.arange(n // 2 + 1)[None, None, :] ** 2)).astype(int).ravel()
-    keep = r <= n // 2
-    num = np.bincount(r[keep], (fa * fb.conj()).real.ravel()[keep], n // 2 + 1)
-    da = np.bincount(r[keep], (np.abs(fa) ** 2).ravel()[keep], n // 2 + 1)
-    db = np.bincount(r[keep], (np.abs(fb) ** 2).ravel()[keep], n // 2 + 1)
-    return num / np.sqrt(np.maximum(da * db, 1e-300))
-
-
-def crossing_A(curve: np.ndarray, threshold: float, n: int, angpix: float) -> float:
-    below = np.flatnonzero(curve[1:] < threshold)
-    shell = (below[0] + 1 if below.size else len(curve)) - 1
-    return n * angpix / max(shell, 1)
-
-
 def summarise(d: Path, name: str, truth_particles, truth_map: np.ndarray, angpix: float, suffix: str = "") -> dict:
     """Final numbers of one program's run: its own rlnCurrentResolution; the FSC 0.143 crossing of the
     halves' FSC in its final model.star (the same rule for both programs); pose errors to the truth;
     the final map's FSC against the true map; wall time."""
     from omlrelion.io.mrc import read_map
     from omlrelion.io.star import read_particles, read_star_table
+    from omlrelion.reconstruct.fsc import fsc, resolution_at
 
     run = d / name
     data = read_particles(run / f"run{suffix}_data.star")
@@ -159,18 +141,18 @@ def summarise(d: Path, name: str, truth_particles, truth_map: np.ndarray, angpix
     model = read_star_table(model_star, block="model_general")
     halves_fsc = read_star_table(model_star, block="model_class_1")["rlnGoldStandardFsc"].to_numpy(float)
     final, _ = read_map(run / (f"run{suffix}_half1_class001.mrc" if suffix else "run_class001.mrc"))
-    curve = fsc_volumes(final.astype(np.float64), truth_map)
+    curve = fsc(final.astype(np.float64), truth_map)
     n = truth_map.shape[0]
     wall = (json.loads((run / "wall_seconds.json").read_text())["seconds"] if not suffix
             else model_star.stat().st_mtime - (run / "run_it000_half1_model.star").stat().st_mtime)
     iters = sorted(run.glob("run_it*_half1_model.star"))
     return {"program": name + suffix, "resolution_A": float(model["rlnCurrentResolution"].iloc[0]),
-            "halves_fsc0143_A": crossing_A(halves_fsc, 0.143, n, angpix),
+            "halves_fsc0143_A": resolution_at(halves_fsc, box_size=n, angpix=angpix),
             "iterations": len(iters), "median_angular_error_deg": float(np.median(err)),
             "mean_angular_error_deg": float(np.mean(err)),
             "rms_offset_error_A": float(np.sqrt(np.mean(np.sum(off ** 2, axis=1)))),
-            "map_vs_truth_fsc05_A": crossing_A(curve, 0.5, n, angpix),
-            "map_vs_truth_fsc0143_A": crossing_A(curve, 0.143, n, angpix), "wall_seconds": wall}
+            "map_vs_truth_fsc05_A": resolution_at(curve, box_size=n, angpix=angpix, threshold=0.5),
+            "map_vs_truth_fsc0143_A": resolution_at(curve, box_size=n, angpix=angpix), "wall_seconds": wall}
 
 
 def compare(args) -> None:

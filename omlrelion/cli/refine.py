@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> dict:
     write_map(f"{root}_class001.mrc", joined, optics.angpix)
     for h, (d, w) in ((1, (d1, w1)), (2, (d2, w2))):
         write_map(f"{root}_half{h}_class001_unfil.mrc", on_device(d, w), optics.angpix)
-    final_A = _final_resolution(last)
+    final_A = _final_resolution(last, optics)
     final_model = dict(_model(last, optics, grid), current_resolution_A=final_A, resolution_0143_A=final_A)
     write_model_star(f"{root}_model.star", final_model, tau2, sigma2, ssnr, fudge=1.0,
                      reference=Path(f"{root}_class001.mrc").name, sigma2_noise=state.sigma2[0])
@@ -179,14 +179,14 @@ def main(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _final_resolution(entry: dict) -> float:
+def _final_resolution(entry: dict, optics) -> float:
     """The joined halves' resolution, RELION's final r*: its rule on the full-data FSC sqrt(2f / (1 + f)),
     i.e. where the halves' FSC drops below 1/7 (0.143)."""
     from omlrelion.reconstruct.fsc import resolution_shell
 
     f = np.clip(np.asarray(entry["fsc"], dtype=np.float64), 0.0, 1.0)
     shell = resolution_shell(np.sqrt(2 * f / (1 + f)))
-    return entry["resolution_A"] * entry["r_star"] / max(shell, 1)
+    return optics.box_size * optics.angpix / max(shell, 1)
 
 
 def _progress_line(state, seconds: float) -> None:

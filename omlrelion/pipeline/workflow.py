@@ -46,14 +46,14 @@ from omlrelion.fourier.layout import rfft2_centred, shift_2d
 from omlrelion.fourier.projector import extract_slices, volume_to_ftc
 from omlrelion.fourier.symmetrise import hermitian_repair, symmetrise
 from omlrelion.geometry.euler import euler_to_matrix
-from omlrelion.geometry.grids import PaddedGrid, radial_distance
+from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.geometry.symmetry import point_group_matrices
 from omlrelion.io import h5
 from omlrelion.io.mrc import ImageStack, read_map, write_map
 from omlrelion.io.star import read_particles, write_particles, write_star
 from omlrelion.pipeline.simulate import SimulateParams, simulate
 from omlrelion.reconstruct.fsc import MINRES_MAP, fsc, fsc_from_sums, resolution_at, resolution_shell, tau2_from_fsc
-from omlrelion.reconstruct.gridding import reconstruct_map
+from omlrelion.reconstruct.gridding import reconstruct_map, soft_sphere
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
 from omlrelion.refine.outputs import write_model_star
 from omlrelion.units import r_max_for_resolution
@@ -571,14 +571,6 @@ def reconstruct_joined(sums1, sums2, model_json, out_mrc, out_model_star, *, ite
 
 
 # --------------------------------------------------------------------------- postprocess
-def _soft_sphere(n: int, radius_px: float, edge_px: float) -> np.ndarray:
-    r = radial_distance(n, np, dtype=np.float64)
-    mask = np.where(r < radius_px, 1.0, 0.0)
-    ramp = (r >= radius_px) & (r < radius_px + edge_px)
-    mask[ramp] = 0.5 + 0.5 * np.cos(np.pi * (r[ramp] - radius_px) / edge_px)
-    return mask
-
-
 def _shells(n: int) -> np.ndarray:
     k = np.fft.fftfreq(n, 1.0 / n)
     kx = np.arange(n // 2 + 1)
@@ -631,7 +623,7 @@ def postprocess(half1, half2, outputs: dict, *, opts: dict) -> dict:
     m2, _ = read_map(half2)
     n = m1.shape[0]
     diameter = opts["mask_diameter_A"] or 0.8 * n * angpix
-    mask = _soft_sphere(n, diameter / (2 * angpix), float(opts["mask_edge_px"]))
+    mask = soft_sphere(n, diameter / (2 * angpix), width=float(opts["mask_edge_px"]), dtype=np.float64)
     unmasked = fsc(m1.astype(np.float64), m2.astype(np.float64))
     masked = fsc(m1 * mask, m2 * mask)
     rand_at = min(_first_below(unmasked, opts["randomise_at_fsc"]), n // 2)

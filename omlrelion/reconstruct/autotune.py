@@ -131,7 +131,6 @@ def predict_seconds(plan: Plan, grid: PaddedGrid, calibration: dict, *, n_iter: 
     G = plan.n_devices
     hv, hq = P * P * H, Q * Q * (Q // 2 + 1)
     bw = cal["memory_bandwidth_Bps"]
-    host_bw = cal["host_memory_bandwidth_Bps"]
     copy = cal["copy_bandwidth_Bps"]
     serial = cal["backend"] == "numpy"
     par = 1 if serial else G

@@ -280,6 +280,12 @@ def soft_edge(r, *, radius: float, width: float = 3.0):
     return xp.where(r < radius, 0.0, xp.where(r > outer, 1.0, 0.5 + 0.5 * xp.cos(np.pi * (outer - r) / width)))
 
 
+def soft_sphere(n: int, radius: float, *, width: float = 3.0, xp=np, dtype=None):
+    """(n, n, n) soft sphere about n//2: 1 inside `radius`, a raised cosine to 0 over `width` voxels
+    outward, 0 beyond (the complement of `soft_edge`)."""
+    return 1.0 - soft_edge(radial_distance(n, xp, dtype=dtype), radius=radius, width=width)
+
+
 def soft_mask_outside(volume, *, radius: float, width: float = 3.0):
     """RELION's softMaskOutsideMap: raised-cosine edge, outside filled with the rim mean (in place)."""
     xp = get_xp(volume)

@@ -35,14 +35,14 @@ from omlrelion.fourier.layout import irfft2_centred, rfft2_centred, shift_2d
 from omlrelion.fourier.projector import extract_slices, volume_to_ftc
 from omlrelion.fourier.symmetrise import hermitian_repair
 from omlrelion.geometry.euler import euler_to_matrix
-from omlrelion.geometry.grids import PaddedGrid, radial_distance, signed_freqs
+from omlrelion.geometry.grids import PaddedGrid, signed_freqs
 from omlrelion.reconstruct.fsc import (
     MINRES_MAP,
     fsc_from_sums,
     resolution_shell,
     tau2_from_fsc,
 )
-from omlrelion.reconstruct.gridding import reconstruct_map, soft_edge
+from omlrelion.reconstruct.gridding import reconstruct_map, soft_edge, soft_sphere
 from omlrelion.refine.expectation import HalfPlanePixels, expectation, fine_pass_parts, offset_log_prior
 from omlrelion.refine.maximization import (
     accumulate,
@@ -213,8 +213,7 @@ def circular_mask(n: int, radius_px: float, xp, *, width: float = 5.0):
 
 def solvent_flatten(volume, radius_px: float, *, width: float = 5.0):
     """RELION's --flatten_solvent without a user mask: multiply by a soft sphere (1 inside, 0 outside)."""
-    xp = get_xp(volume)
-    mask = 1.0 - soft_edge(radial_distance(volume.shape[0], xp, dtype=volume.dtype), radius=radius_px, width=width)
+    mask = soft_sphere(volume.shape[0], radius_px, width=width, xp=get_xp(volume), dtype=volume.dtype)
     return volume * mask.astype(volume.dtype)
 
 
@@ -232,14 +231,14 @@ def low_resolution_join(sums, *, grid: PaddedGrid, shell: int) -> None:
             sums[h][part][...] = xp.where(inside, mean, sums[h][part])
 
 
-def _prepare_batch(images, sel, centres_px, mask, sizes, xp, cplx, real):
+def _prepare_batch(images, sel, centres_px, mask, sizes, xp, real):
     """A batch's transforms (made on the device) recentred on their rounded offsets (RELION 3.1): the
     unmasked window of the current size (for back-projection) and the masked windows of each size in
     `sizes` (likelihoods)."""
-    x = shift_2d(rfft2_centred(xp.asarray(images[sel], dtype=real)).astype(cplx), centres_px)
+    x = shift_2d(rfft2_centred(xp.asarray(images[sel], dtype=real)), centres_px)         # complex of `real`
     n = x.shape[-2]
     xm = x if mask is None else rfft2_centred((irfft2_centred(x, n) * mask).astype(real))
-    return window_2d(x, sizes[0]).astype(cplx), [window_2d(xm, c).astype(cplx) for c in sizes]
+    return window_2d(x, sizes[0]), [window_2d(xm, c) for c in sizes]
 
 
 def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: RefineOptions, *,
@@ -262,7 +261,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     real = np.float64 if device.gpu is None else np.float32
     cplx = np.result_type(real, np.complex64)
     apix = optics.angpix
-    radius_px = (opts.particle_diameter_A or (n - 5) * apix) / (2 * apix)
+    diameter_A = opts.particle_diameter_A or (n - 5) * apix
+    radius_px = diameter_A / (2 * apix)
     mask_h = circular_mask(n, radius_px, np) if opts.zero_mask else None
     if state is None:
         start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=apix, resolution_A=opts.ini_high_A)
@@ -291,7 +291,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             if opts.schedule:
                 r_acc = min(n // 2, state.r_star + state.incr_size)
                 sch.acc_rot_deg, sch.acc_trans_px = _accuracy(state, ctf, halves, optics, opts,
-                                                              device, r_acc, real, cplx)
+                                                              device, r_acc, real)
                 sch.update_sampling(ov=ov, angpix=apix, offset_change_A=state.offset_change_A,
                                     max_order=opts.max_order, auto_local_order=opts.auto_local_order)
         if opts.perturb > 0:            # spec 3.7: rho += U(f/2, f), wrapped into [-f, f]
@@ -316,15 +316,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         old_eulers, old_shifts = state.eulers.copy(), state.shifts_px.copy()
         bar = None if progress is None else progress(m, f"iteration {len(state.history) + 1}")
         sums, stats = [], []
-        cc = c
+        cc = c if sch.local or ov == 0 else coarse_size(n, apix, c, sch.order, diameter_A)
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
             sig = state.sigma2[h - 1]
             inv = inverse_sigma2_plane(sig, c)
             with device.use():
                 vft = volume_to_ftc(xp.asarray(state.maps[h - 1], dtype=real), pad=opts.pad, r_max=r_max)
-                cc = c if sch.local or ov == 0 else coarse_size(
-                    n, apix, c, sch.order, opts.particle_diameter_A or (n - 5) * apix)
                 proj_c = proj = None
                 if not sch.local:
                     proj_c = extract_slices(vft, xp.asarray(rotations), box_size=cc, pad=opts.pad,
@@ -343,7 +341,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                     if bar is not None:
                         bar.update(len(sel))
                     centre = np.rint(state.shifts_px[sel])
-                    x, (xm, xm_c) = _prepare_batch(images, sel, centre, mask, (c, cc), xp, cplx, real)
+                    x, (xm, xm_c) = _prepare_batch(images, sel, centre, mask, (c, cc), xp, real)
                     ct_full = ctf_2d(optics, ctf.take(sel), xp=xp, dtype=real)
                     ct = window_2d(ct_full, c)
                     prior = offset_log_prior(centre, shifts, angpix=apix,
@@ -438,7 +436,7 @@ def _update_resolution(state: RefineState, curve, n: int) -> None:
         state.high_fsc_at_limit = True
 
 
-def _accuracy(state, ctf, halves, optics, opts, device, r_max, real, cplx):
+def _accuracy(state, ctf, halves, optics, opts, device, r_max, real):
     """5.4 on the first 100 particles of half 1, against half 1's map on the current window."""
     xp = device.xp
     n = optics.box_size

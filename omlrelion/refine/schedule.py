@@ -18,6 +18,7 @@ import numpy as np
 
 from omlrelion.backend import get_xp, to_numpy
 from omlrelion.geometry.euler import euler_to_matrix
+from omlrelion.refine.sampling import angular_step
 
 LOG_LIKELIHOOD_DROP = math.log(100.0)          # 4.605: the likelihood ratio 1%
 ANGLE_STEPS_DEG = np.concatenate([np.arange(0.05, 1.0, 0.05), np.arange(1.0, 5.0, 0.25), np.arange(5.0, 30.01, 1.0)])
@@ -92,8 +93,6 @@ class Schedule:
     acc_trans_px: float = 999.0
 
     def fine_step_deg(self, ov: int) -> float:
-        from omlrelion.refine.sampling import angular_step
-
         return angular_step(self.order + ov)
 
     def record_changes(self, angle_deg: float, offset_A: float, *, ov: int, angpix: float) -> None:
