@@ -27,7 +27,8 @@ from omlrelion.io.jsonfile import write_json
 from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
-from omlrelion.reconstruct.autotune import plan_for
+from omlrelion.reconstruct.autotune import fallback_plan, plan_for
+from omlrelion.reconstruct.plan import Plan, is_out_of_memory, release_memory
 from omlrelion.reconstruct.columns import ColumnEngine, dense_float32_bytes, reconstruct_packed
 from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
 from omlrelion.reconstruct.gridding import reconstruct_map
@@ -67,11 +68,12 @@ def _select_particles(particles: ParticleSet, opts: ReconstructOptions) -> Parti
     if opts.subset in (1, 2):
         if not np.any(particles.random_subset):
             raise InputError(f"{particles.star_path}: --subset {opts.subset} asked for, but the STAR file "
-                             "has no rlnRandomSubset column")
+                             "has no rlnRandomSubset column; add it (relion_refine's halves) or leave --subset out")
         particles = particles.select(particles.random_subset == opts.subset)
     if particles.n_particles == 0:
         raise InputError(f"{particles.star_path}: no particles to reconstruct"
-                         + (f" in subset {opts.subset}" if opts.subset in (1, 2) else ""))
+                         + (f" in subset {opts.subset}; check rlnRandomSubset or leave --subset out"
+                            if opts.subset in (1, 2) else "; check that the STAR file lists particles"))
     return particles
 
 
@@ -135,7 +137,8 @@ def backproject(particles: ParticleSet, grid: PaddedGrid, device: Device, opts: 
             expected = particles.optics[particles.optics_group[idx[0]]].box_size
             if stacks[path].box_size != expected:
                 raise InputError(f"{path}: images are {stacks[path].box_size} px but the STAR file's optics "
-                                 f"group says {expected} px")
+                                 f"group says {expected} px; fix rlnImageSize in data_optics or re-extract the "
+                                 "particles")
         # READ_AHEAD reader threads (copies from the memory-mapped stacks release the GIL) keep the
         # device fed; batches are consumed in order, so the sums do not depend on thread timing
         with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
@@ -197,10 +200,62 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
     # the plan of the sums-to-map step, before any particle is read: "auto" refuses what cannot fit
     plan = plan_for(grid, devices, opts.storage, strided=opts.strided, real_dtype=dtype, kernel=opts.kernel,
                     n_iter=0 if opts.skip_gridding else opts.n_iter, map_term=fsc_curve is not None)
-    devices = devices[:plan.n_devices]
+    all_devices = devices
     log.info("reconstructing %d particles, box %d, %.4f A/px, pad %g, r_max %d, grid %d^3 on %s",
              particles.n_particles, box_size, angpix, grid.pad, grid.r_max, grid.size, device.name)
 
+    tried = []
+    while True:
+        devices = all_devices[:plan.n_devices]
+        try:
+            volume = _sums_to_volume(particles, grid, devices, plan, opts, box_size=box_size, angpix=angpix,
+                                     dtype=dtype, sym_matrices=sym_matrices, fsc_curve=fsc_curve,
+                                     timings=timings, show_progress=show_progress)
+            break
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            tried.append(plan)
+            release_memory(all_devices)
+            plan = fallback_plan(grid, all_devices, tried, real_dtype=dtype, kernel=opts.kernel,
+                                 n_iter=0 if opts.skip_gridding else opts.n_iter, map_term=fsc_curve is not None,
+                                 reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    device = devices[0]
+    memory = [memory_report(d) for d in dict.fromkeys(devices)] if device.gpu is not None else [memory_report(device)]
+    half_map_fsc = half_map_resolution(*half_maps) if half_maps else None     # read before anything is written
+    t = time.perf_counter()
+    write_map(out_path, volume, angpix)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    summary = {
+        "omlrelion_version": omlrelion.__version__,
+        "plans_out_of_memory": [p.describe() for p in tried],
+        "command": list(argv) if argv is not None else None,
+        "input": str(star_path), "output": str(out_path),
+        "n_particles": int(particles.n_particles), "box_size": box_size, "angpix": angpix,
+        "pad": grid.pad, "r_max": grid.r_max, "padded_size": grid.size, "final_size": grid.final_size,
+        "gridding_iterations": 0 if opts.skip_gridding else opts.n_iter, "symmetry": opts.sym.upper(),
+        "ctf": opts.ctf.apply, "precision": precision,
+        "device": {"spec": (f"cpu:{len(devices)}" if len(devices) > 1 else "cpu") if device.gpu is None
+                   else "gpu:" + ",".join(str(d.gpu) for d in devices), "name": device.name},
+        "plan": {**plan.to_dict(), "description": plan.describe()},
+        "dense_float32_bytes": dense_float32_bytes(grid),     # what the straightforward one-device step would hold
+        "peak_memory": memory,
+        "host": platform.node(), "python": sys.version.split()[0],
+        "timings_s": timings,
+    }
+    if half_map_fsc is not None:
+        summary["fsc"] = half_map_fsc
+    if json_path:
+        _write_json(Path(json_path), summary)
+    return summary
+
+
+def _sums_to_volume(particles: ParticleSet, grid: PaddedGrid, devices: list[Device], plan: Plan,
+                    opts: ReconstructOptions, *, box_size: int, angpix: float, dtype, sym_matrices, fsc_curve,
+                    timings: dict, show_progress: bool) -> np.ndarray:
+    """Back-project on devices[0], repair, symmetrise and run `plan`'s sums-to-map step: the map (host float32)."""
+    device = devices[0]
     data, weight = backproject(particles, grid, device, opts, angpix=angpix, dtype=dtype,
                                timings=timings, show_progress=show_progress)
     t = time.perf_counter()
@@ -229,34 +284,7 @@ def reconstruct(star_path, out_path, opts: ReconstructOptions, *, device: Device
             volume = reconstruct_packed(engine, packed_data, fw, n_iter=opts.n_iter,
                                         skip_gridding=opts.skip_gridding, tau2=tau2, stage_data=plan.stage_data,
                                         timings=timings)
-        data = weight = None
-        volume = to_numpy(volume).astype(np.float32)
-    memory = [memory_report(d) for d in dict.fromkeys(devices)] if device.gpu is not None else [memory_report(device)]
-    t = time.perf_counter()
-    write_map(out_path, volume, angpix)
-    timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-    summary = {
-        "omlrelion_version": omlrelion.__version__,
-        "command": list(argv) if argv is not None else None,
-        "input": str(star_path), "output": str(out_path),
-        "n_particles": int(particles.n_particles), "box_size": box_size, "angpix": angpix,
-        "pad": grid.pad, "r_max": grid.r_max, "padded_size": grid.size, "final_size": grid.final_size,
-        "gridding_iterations": 0 if opts.skip_gridding else opts.n_iter, "symmetry": opts.sym.upper(),
-        "ctf": opts.ctf.apply, "precision": precision,
-        "device": {"spec": (f"cpu:{len(devices)}" if len(devices) > 1 else "cpu") if device.gpu is None
-                   else "gpu:" + ",".join(str(d.gpu) for d in devices), "name": device.name},
-        "plan": {**plan.to_dict(), "description": plan.describe()},
-        "dense_float32_bytes": dense_float32_bytes(grid),     # what the straightforward one-device step would hold
-        "peak_memory": memory,
-        "host": platform.node(), "python": sys.version.split()[0],
-        "timings_s": timings,
-    }
-    if half_maps:
-        summary["fsc"] = half_map_resolution(*half_maps)
-    if json_path:
-        _write_json(Path(json_path), summary)
-    return summary
+        return to_numpy(volume).astype(np.float32)
 
 
 def half_map_resolution(half1_path, half2_path) -> dict:

@@ -386,6 +386,42 @@ def plan_for(grid: PaddedGrid, devices: list[Device], storage: str = "auto", *, 
     return plan
 
 
+def fallback_plan(grid: PaddedGrid, devices: list[Device], failed: list[Plan], *, real_dtype=None,
+                  n_iter: int = 10, map_term: bool = False, kernel: str = "relion", reason: str = "") -> Plan:
+    """The plan to run after `failed` (the plans tried, in order) ran out of memory.
+
+    Of the candidates not tried, the one the memory model says needs least per device, if it fits in
+    the memory free now (the failed plan needed more than the model said, so the smallest is the best
+    bet). Nothing is measured: a device that has just run out of memory cannot host a calibration.
+    Raises InputError (one line, in the words of `choose_plan`) when none is left.
+    """
+    devices = list(devices)
+    real = np.dtype(real_dtype or (np.float32 if devices[0].gpu is not None else np.float64))
+    backend = "numpy" if devices[0].gpu is None else "cupy"
+    shared_host = all(d.gpu is None for d in devices)
+    free = free_memory(devices)
+    rows = []
+    for plan in enumerate_candidates(grid, len(devices), kernel=kernel):
+        if plan in failed or (plan.single_device_path and not dense_fft_possible(devices[0], plan.fft_size)):
+            continue
+        est = memory_estimate(plan, grid, real, backend=backend, n_iter=n_iter, map_term=map_term)
+        need = est.simulated_total if shared_host else est.max_per_device
+        have = free[0] if shared_host else min(free[:plan.n_devices])
+        rows.append((need, have, plan))
+    fitting = [row for row in rows if row[0] <= row[1]]
+    if fitting:
+        need, _, plan = min(fitting, key=lambda row: row[0])
+        log.warning("%s ran out of memory (%s); falling back to %s, which needs %s per device by the model",
+                    failed[-1].describe(), reason, plan.describe(), _gb(need))
+        return plan
+    detail = ""
+    if rows:
+        need, have, plan = min(rows, key=lambda row: row[0])
+        detail = f"; the smallest, {plan.describe()}, needs {need} bytes ({_gb(need)}), {have} bytes ({_gb(have)}) are free"
+    raise InputError(f"no reconstruction plan fits in memory for box {grid.box_size}, pad {grid.pad:g}, "
+                     f"r_max {grid.r_max}: {failed[-1].describe()} ran out of memory ({reason}){detail}; "
+                     "use more devices, a coarser --maxres or a smaller --pad")
+
 __all__ = [
     "CACHE_ENV",
     "MemoryEstimate",
@@ -396,6 +432,7 @@ __all__ = [
     "clear_plan_cache",
     "device_model",
     "enumerate_candidates",
+    "fallback_plan",
     "fft_pair_seconds",
     "fft_work_bytes",
     "free_memory",

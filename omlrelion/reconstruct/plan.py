@@ -144,3 +144,26 @@ def free_memory(devices: list[Device], *, margin_fraction: float = 0.05) -> list
                     free, total = min(free, limit - pool.used_bytes()), min(total, limit)
         out.append(max(int(free - margin_fraction * total), 0))
     return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a device or host running out of memory: MemoryError, CuPy's OutOfMemoryError,
+    or cuFFT failing to allocate its work area."""
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (name == "CuFFTError" and "ALLOC_FAILED" in str(exc))
+
+
+def release_memory(devices: list[Device]) -> None:
+    """Give back what the failed attempt cached: CuPy's memory pools and cuFFT plan caches."""
+    import gc
+
+    gc.collect()
+    for dev in dict.fromkeys(devices):
+        if dev.gpu is not None:
+            cp = dev.xp
+            with dev.use():
+                cp.fft.config.get_plan_cache().clear()
+                cp.get_default_memory_pool().free_all_blocks()
+                cp.get_default_pinned_memory_pool().free_all_blocks()
