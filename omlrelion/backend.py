@@ -90,27 +90,24 @@ def parse_device(spec: str) -> list[Device]:
     spec = spec.strip().lower()
     kind, _, rest = spec.partition(":")
     if kind == "cpu":
-        n = int(rest) if rest else 1
-        if not rest.isdigit() and rest:
+        if rest and not rest.isdigit():
             raise InputError(f"--device {spec!r}: expected cpu or cpu:N with N a positive integer")
-        if n < 1:
+        if rest and int(rest) < 1:
             raise InputError(f"--device {spec!r}: the number of simulated devices must be >= 1")
-        return [Device()] * n
+        return [Device()] * (int(rest) if rest else 1)
     if kind == "gpu":
-        available = gpu_count()
-        if available == 0:
-            raise InputError(f"--device {spec!r}: no CUDA GPU is visible (is CuPy installed?); use --device cpu")
-        if rest in ("", "0") and not rest:
-            ids = [0]
-        elif rest == "all":
-            ids = list(range(available))
-        else:
+        ids = None                       # gpu (GPU 0) or gpu:all
+        if rest not in ("", "all"):
             try:
                 ids = [int(t) for t in rest.split(",") if t != ""]
             except ValueError:
                 raise InputError(f"--device {spec!r}: expected gpu, gpu:all or gpu:ID[,ID...]") from None
-        bad = [i for i in ids if not 0 <= i < available]
-        if bad or not ids or len(set(ids)) != len(ids):
+        available = gpu_count()
+        if available == 0:
+            raise InputError(f"--device {spec!r}: no CUDA GPU is visible (is CuPy installed?); use --device cpu")
+        if ids is None:
+            ids = list(range(available)) if rest == "all" else [0]
+        if not ids or any(not 0 <= i < available for i in ids) or len(set(ids)) != len(ids):
             raise InputError(
                 f"--device {spec!r}: GPU ids must be distinct and in 0..{available - 1} ({available} visible)")
         return [Device(i) for i in ids]

@@ -9,10 +9,7 @@ $OMLRELION_AUTOTUNE_CACHE or ~/.cache/omlrelion), e.g.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,8 @@ import numpy as np
 from omlrelion.backend import parse_device
 from omlrelion.errors import InputError
 from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.io.jsonfile import write_json
+from omlrelion.io.mrc import check_output
 from omlrelion.reconstruct.autotune import (
     calibration_path,
     choose_plan,
@@ -57,16 +56,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _grid(args: argparse.Namespace) -> PaddedGrid:
     if args.box < 8 or args.box % 2:
         raise InputError(f"--box {args.box}: the box size must be even and at least 8")
-    if args.pad < 1:
+    if not args.pad >= 1:                   # also refuses NaN
         raise InputError(f"--pad {args.pad}: the padding factor must be >= 1")
     if args.maxres is not None:
         if args.angpix is None or args.angpix <= 0:
             raise InputError("--maxres needs --angpix (the pixel size in A) to give r_max")
-        if args.maxres <= 0:
+        if not 0 < args.maxres < float("inf"):
             raise InputError(f"--maxres {args.maxres}: expected a resolution in A > 0")
     if args.iter < 0 or args.measure < 0:
         raise InputError("--iter and --measure must be >= 0")
-    if args.free_gb is not None and args.free_gb <= 0:
+    if args.free_gb is not None and not args.free_gb > 0:
         raise InputError(f"--free-gb {args.free_gb}: expected a positive size in GB")
     r_max = r_max_for_resolution(args.box, args.angpix or 1.0, args.maxres)
     return PaddedGrid(args.box, args.pad, r_max)
@@ -99,23 +98,11 @@ def format_table(grid: PaddedGrid, table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, summary: dict) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(args: argparse.Namespace) -> dict:
     grid = _grid(args)
     devices = parse_device(args.device)
+    if args.json:
+        check_output(args.json, "JSON summary")
     real = None if args.precision is None else (np.float32 if args.precision == "single" else np.float64)
     free = None if args.free_gb is None else int(args.free_gb * 1e9)
     plan, table = choose_plan(grid, devices, free_bytes=free, allow_inexact=args.allow_inexact, measure=args.measure,
@@ -133,5 +120,5 @@ def main(args: argparse.Namespace) -> dict:
                "device_model": device_model(devices[0]), "calibration": str(cal_file),
                "chosen": plan.to_dict(), "candidates": table, "command": sys.argv}
     if args.json:
-        _write_json(args.json, summary)
+        write_json(args.json, summary, indent=2)
     return summary

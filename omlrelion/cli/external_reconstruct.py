@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 from omlrelion.backend import parse_device
+from omlrelion.cli.main import OneLineParser
+from omlrelion.errors import InputError
 from omlrelion.pipeline.external import external_reconstruct
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omlrelion_external_reconstruct", description=__doc__.splitlines()[0],
-                                epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="omlrelion_external_reconstruct", description=__doc__.splitlines()[0],
+                      epilog="\n".join(__doc__.splitlines()[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("star", type=Path, help="the *_external_reconstruct.star file written by relion_refine")
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:ID (default: cpu)")
     p.add_argument("--iter", type=int, default=10, help="gridding iterations (default: 10)")
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        external_reconstruct(args.star, device=parse_device(args.device)[0], n_iter=args.iter,
+        device = parse_device(args.device)[0]
+        if args.iter < 0:
+            raise InputError(f"--iter {args.iter}: the number of gridding iterations must be >= 0")
+        external_reconstruct(args.star, device=device, n_iter=args.iter,
                              skip_gridding=args.skip_gridding, use_map=not args.no_map, precision=args.precision)
     except (ValueError, OSError) as exc:
         if args.debug:

@@ -17,8 +17,15 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help for the expected options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omlrelion", description=omlrelion.__doc__)
+    parser = OneLineParser(prog="omlrelion", description=omlrelion.__doc__)
     parser.add_argument("--version", action="version", version=f"omlrelion {omlrelion.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():

@@ -8,10 +8,13 @@ Takes relion_reconstruct's options (RELION 3.1 defaults: pad 2, 10 gridding iter
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from omlrelion.backend import parse_device
+from omlrelion.errors import InputError
+from omlrelion.io.mrc import check_output, map_shape
 from omlrelion.pipeline.steps import ReconstructOptions, reconstruct
 from omlrelion.reconstruct.insert import CtfMode
 
@@ -19,7 +22,8 @@ from omlrelion.reconstruct.insert import CtfMode
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--i", dest="input", type=Path, required=True, help="input particle STAR file")
     p.add_argument("--o", dest="output", type=Path, default=Path("relion.mrc"), help="output map (default: relion.mrc)")
-    p.add_argument("--angpix", type=float, default=-1, help="output pixel size in A (default: the first optics group's)")
+    p.add_argument("--angpix", type=float, default=-1,
+                   help="output pixel size in A (default, or -1: the first optics group's)")
     p.add_argument("--ctf", action="store_true", help="apply CTF correction")
     p.add_argument("--ctf_intact_first_peak", action="store_true", help="leave the CTF's first peak intact")
     p.add_argument("--ctf_phase_flipped", action="store_true", help="images are phase-flipped")
@@ -54,7 +58,30 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The options alone, before any file is read: one InputError naming the option."""
+    if args.angpix != -1 and not (math.isfinite(args.angpix) and args.angpix > 0):
+        raise InputError(f"--angpix {args.angpix:g}: expected a pixel size in A > 0 (or -1: the STAR file's)")
+    if not (math.isfinite(args.pad) and args.pad >= 1):
+        raise InputError(f"--pad {args.pad:g}: the padding factor must be a number >= 1")
+    if not math.isfinite(args.maxres):
+        raise InputError(f"--maxres {args.maxres:g}: expected a resolution in A (or -1: Nyquist)")
+    if args.iter < 0:
+        raise InputError(f"--iter {args.iter}: the number of gridding iterations must be >= 0")
+    if args.batch is not None and args.batch < 1:
+        raise InputError(f"--batch {args.batch}: the number of particles per batch must be >= 1")
+    check_output(args.output, "map")
+    if args.json is not None:
+        check_output(args.json, "JSON summary")
+    if args.half_maps:
+        shapes = [map_shape(path) for path in args.half_maps]
+        if shapes[0] != shapes[1]:
+            raise InputError(f"{args.half_maps[1]}: shape {shapes[1]} differs from {args.half_maps[0]}'s "
+                             f"{shapes[0]}; expected the two half maps of one refinement")
+
+
 def main(args: argparse.Namespace) -> dict:
+    _check_args(args)
     opts = ReconstructOptions(
         angpix=args.angpix if args.angpix > 0 else None,
         ctf=CtfMode(apply=args.ctf, intact_first_peak=args.ctf_intact_first_peak,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -79,7 +81,8 @@ def _load_images(particles) -> np.ndarray:
         sel = np.flatnonzero(particles.image_stacks == path)
         stack = ImageStack(path)
         if stack.box_size != n:
-            raise InputError(f"{path}: images are {stack.box_size} px but the STAR file's optics group says {n} px")
+            raise InputError(f"{path}: images are {stack.box_size} px but the STAR file's optics group says {n} px; "
+                             f"fix rlnImageSize in data_optics or re-extract the particles")
         out[sel] = stack.read(particles.image_indices[sel])
     return out
 
@@ -106,19 +109,26 @@ def main(args: argparse.Namespace) -> dict:
     if args.iter < 1 or args.healpix_order < 0 or args.offset_step <= 0 or args.offset_range < 0 or args.batch < 1:
         raise InputError("--iter and --batch must be >= 1, --healpix_order >= 0, --offset_step > 0, "
                          "--offset_range >= 0")
+    if not (math.isfinite(args.pad) and args.pad >= 1):
+        raise InputError(f"--pad {args.pad:g}: the padding factor must be a number >= 1")
+    device = parse_device(args.device)[0]
+    folder = args.root.parent if str(args.root.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{args.root}: output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{args.root}: output folder {folder} is not writable; check its permissions")
     particles = read_particles(args.star, require=("rlnImageName", "rlnDefocusU"))
     if len({(o.box_size, o.angpix) for o in particles.optics}) != 1:
-        raise InputError(f"{args.star}: optics groups differ in box or pixel size; refine one group at a time")
+        raise InputError(f"{args.star}: optics groups differ in box or pixel size; select one group and refine it "
+                         f"alone")
     optics = particles.optics[0]
     start, ref_angpix = read_map(args.ref)
     if start.shape != (optics.box_size,) * 3:
-        raise InputError(f"{args.ref}: map is {start.shape[0]} px, the particles are {optics.box_size} px")
+        raise InputError(f"{args.ref}: map is {start.shape[0]} px, the particles are {optics.box_size} px; "
+                         f"expected a map of the particles' box (resample or pad it)")
     if abs(ref_angpix - optics.angpix) > 1e-3 * optics.angpix:
-        raise InputError(f"{args.ref}: pixel size {ref_angpix:g} A, the particles' is {optics.angpix:g} A")
-    folder = args.root.parent if str(args.root.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{args.root}: output folder {folder} does not exist")
-    device = parse_device(args.device)[0]
+        raise InputError(f"{args.ref}: pixel size {ref_angpix:g} A, the particles' is {optics.angpix:g} A; "
+                         f"expected the particles' pixel size (rescale the map or fix its header)")
     images = _load_images(particles)
     ctf = particles.ctf_params()
     halves = _halves(particles, args.seed)
@@ -242,16 +252,18 @@ def _resume(path: Path, n_particles: int):
     from omlrelion.refine.schedule import Schedule
 
     if not path.is_file():
-        raise InputError(f"{path}: no such state file to continue from")
+        raise InputError(f"{path}: no such state file to continue from; check the path")
     try:
         saved = json.loads(path.read_text())
         maps = [read_map(path.parent / name)[0].astype(np.float64) for name in saved["maps"]]
         data = read_particles(path.parent / saved["data"])
         halves = np.asarray(saved["halves"], dtype=np.int64)
     except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"{path}: not a refine state file ({exc})") from None
+        raise InputError(f"{path}: not a refine state file ({exc}); expected an ROOT_itNNN_state.json of "
+                         f"omlrelion refine") from None
     if len(halves) != n_particles or data.n_particles != n_particles:
-        raise InputError(f"{path}: it describes {len(halves)} particles, the STAR file has {n_particles}")
+        raise InputError(f"{path}: it describes {len(halves)} particles, the STAR file has {n_particles}; "
+                         f"use the STAR file that run started from")
     state = RefineState(maps=maps, sigma2=[np.asarray(s) for s in saved["sigma2"]],
                         sigma_offset_A=list(saved["sigma_offset_A"]), r_star=int(saved["r_star"]),
                         eulers=data.eulers_deg.copy(), shifts_px=data.shifts_px.copy(),

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from omlrelion.backend import parse_device
-from omlrelion.pipeline.simulate import SimulateParams, simulate
+from omlrelion.errors import InputError
+from omlrelion.pipeline.simulate import PHANTOM, SimulateParams, simulate
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,11 @@ def main(args: argparse.Namespace) -> dict:
         bfactor=args.bfactor, ctf=not args.no_ctf, snr=args.snr, pad=args.pad, batch_size=args.batch,
         phantom_seed=args.phantom_seed)
     devices = parse_device(args.device)
+    root = args.output.with_suffix("") if args.output.suffix in (".star", ".mrcs") else args.output
+    for suffix in (".star", ".mrcs") + (("_phantom.mrc",) if args.map == PHANTOM else ()):
+        if root.name and root.with_name(root.name + suffix).is_dir():   # simulate() checks the rest
+            raise InputError(f"--o {args.output}: {root.name + suffix} is a folder; remove it or choose "
+                             f"another output root")
     summary = simulate(args.map, args.output, params, device=devices[0], seed=args.seed,
                        show_progress=not args.quiet, argv=sys.argv)
     if not args.quiet:

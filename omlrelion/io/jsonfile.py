@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
+
+from omlrelion.io.mrc import _atomic_output
 
 
 def write_json(path, record, **dump_options) -> None:
-    """Write `record` as JSON to `path`; a failure leaves no partial file behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, **dump_options)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `record` as JSON to `path`; a failure leaves no partial file behind.
+
+    Raises InputError naming `path` for a missing or unwritable folder, or a folder of that name.
+    """
+    with _atomic_output(path, "JSON file") as tmp, open(tmp, "x") as f:
+        json.dump(record, f, **dump_options)

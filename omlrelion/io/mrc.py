@@ -24,10 +24,26 @@ from omlrelion import __version__
 from omlrelion.backend import REAL, to_numpy
 from omlrelion.errors import InputError
 
-__all__ = ["ImageStack", "read_map", "write_map", "write_stack", "READ_MODES"]
+__all__ = ["ImageStack", "read_map", "write_map", "write_stack", "check_output", "map_shape", "READ_MODES"]
 
 READ_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 _HEADER_BYTES = 1024
+
+
+def check_output(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a missing or read-only
+    folder, or a folder of that name. Returns the path."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: cannot write the {what}: folder {folder} does not exist; create it first")
+    if path.is_dir():
+        raise InputError(f"{path}: cannot write the {what}: a folder of that name exists; remove it or "
+                         f"choose another name")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write the {what}: folder {folder} is not writable; check its "
+                         f"permissions or choose another folder")
+    return path
 
 
 @contextmanager
@@ -38,12 +54,8 @@ def _atomic_output(path: str | os.PathLike, what: str) -> Iterator[Path]:
     `os.replace` is atomic). On any exception the temporary file is removed; an OSError becomes
     an InputError naming `path`.
     """
-    path = Path(path)
+    path = check_output(path, what)
     folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"{path}: cannot write the {what}: folder {folder} does not exist; create it first")
-    if path.is_dir():
-        raise InputError(f"{path}: cannot write the {what}: a folder of that name exists")
     tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         yield tmp
@@ -62,7 +74,8 @@ def _atomic_output(path: str | os.PathLike, what: str) -> Iterator[Path]:
 
 def _open_error(path: Path, exc: BaseException) -> InputError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return InputError(f"{path}: not a readable MRC file ({reason})")
+    return InputError(f"{path}: not a readable MRC file ({reason}); check the path, or regenerate the file "
+                      f"if it is corrupt")
 
 
 def _check_header(path: str | os.PathLike, what: str):
@@ -72,7 +85,8 @@ def _check_header(path: str | os.PathLike, what: str):
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: {what} not found" if not path.exists() else f"{path}: {what} is not a file")
+        problem = "not found" if not path.exists() else "is not a file"
+        raise InputError(f"{path}: {what} {problem}; check the path")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # strict mode raises on every real problem
@@ -98,11 +112,17 @@ def _check_header(path: str | os.PathLike, what: str):
     return header
 
 
+def map_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(nz, ny, nx) of an MRC map from its header, checked as `read_map` checks it (no data read)."""
+    header = _check_header(path, "map")
+    return int(header.nz), int(header.ny), int(header.nx)
+
+
 def _check_finite(path: Path, data: np.ndarray, what: str) -> None:
     if not np.isfinite(data).all():
         bad = np.argwhere(~np.isfinite(data))[0]
         raise InputError(f"{path}: {what} contains NaN or Inf values (first at index "
-                         f"{tuple(int(i) for i in bad)}, [z, y, x] order)")
+                         f"{tuple(int(i) for i in bad)}, [z, y, x] order); expected finite values")
 
 
 def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -145,7 +165,8 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         raise _open_error(path, exc) from exc
     _check_finite(path, volume, "the map")
     if not np.isfinite(angpix) or angpix < 0:
-        raise InputError(f"{path}: invalid pixel size {angpix} in the header (cella / mx)")
+        raise InputError(f"{path}: invalid pixel size {angpix} in the header (cella / mx); fix the header, "
+                         f"e.g. with relion_image_handler --force_header_angpix")
     return volume, angpix
 
 
@@ -252,7 +273,8 @@ class ImageStack:
         header = _check_header(self.path, "image stack")
         nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
         if nx != ny:
-            raise InputError(f"{self.path}: images must be square, got nx={nx}, ny={ny}")
+            raise InputError(f"{self.path}: images must be square, got nx={nx}, ny={ny}; re-extract the "
+                             f"particles in square boxes")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "file larger than expected" is tolerated
@@ -292,7 +314,7 @@ class ImageStack:
         if bad.any():
             first = int(index[bad][0])
             raise InputError(f"{self.path}: image {first + 1} (1-based, as in k@stack) is out of range: "
-                             f"the stack holds {self.n_images} images")
+                             f"the stack holds {self.n_images} images; fix k in rlnImageName (k@stack)")
         try:
             if index.size > 1 and np.all(np.diff(index) == 1):   # a run of images: one block copy
                 images = np.array(self._data[index[0]:index[-1] + 1], dtype=REAL)
@@ -303,7 +325,8 @@ class ImageStack:
         finite = np.isfinite(images).all(axis=(1, 2))
         if not finite.all():
             first = int(index[~finite][0])
-            raise InputError(f"{self.path}: image {first + 1} (1-based) contains NaN or Inf values")
+            raise InputError(f"{self.path}: image {first + 1} (1-based) contains NaN or Inf values; expected "
+                             f"finite pixels: re-extract the particles or remove that image from the STAR file")
         return images
 
     def close(self) -> None:

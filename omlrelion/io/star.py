@@ -13,6 +13,7 @@ project folder).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import warnings
@@ -154,7 +155,8 @@ class ParticleSet:
 
 def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
     if not path.is_file():
-        raise InputError(f"{path}: STAR file not found" if not path.exists() else f"{path}: not a file")
+        problem = "STAR file not found" if not path.exists() else "not a file"
+        raise InputError(f"{path}: {problem}; check the path")
     try:
         with open(path, encoding="utf-8") as text:  # starfile silently skips undecodable lines
             for _ in text:
@@ -164,7 +166,8 @@ def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
             raw = starfile.read(path, always_dict=True, parse_as_string=_STRING_LABELS)
     except Exception as exc:  # pandas/csv/shlex/decoding errors all mean "not a STAR file we can parse"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot parse the STAR file ({reason})") from exc
+        raise InputError(f"{path}: cannot parse the STAR file ({reason}); check that it is a RELION STAR "
+                         f"file") from exc
     blocks = {}
     for name, block in raw.items():
         if isinstance(block, dict):  # a non-loop block: one row
@@ -236,6 +239,17 @@ def _resolve_stacks(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndarra
     return np.asarray(resolved, dtype=str)[inverse], numbers.astype(np.int64) - 1
 
 
+def _misspelt(missing, present, needed) -> str:
+    """A hint "; rename X to Y ..." for each missing label Y close to an unknown label X (a likely misspelling)."""
+    unknown = sorted(label for label in present if label not in COLUMN_TYPES and label not in needed)
+    hints = []
+    for label in missing:
+        close = difflib.get_close_matches(label, unknown, n=1, cutoff=0.85)
+        if close:
+            hints.append(f"; rename {close[0]} to {label} if it is a misspelling")
+    return "".join(hints)
+
+
 def _column(df: pd.DataFrame, label: str, default, dtype=np.float64) -> np.ndarray:
     """The column as an array, or `default` (a scalar or an (n,) array) when it is absent."""
     if label in df.columns:
@@ -279,21 +293,25 @@ def _optics_keys(table: pd.DataFrame, pix: np.ndarray) -> pd.DataFrame:
 def _optics_31(path, particles, optics_df, stacks, angpix):
     if "rlnOpticsGroup" not in optics_df.columns:
         if len(optics_df) != 1:
-            raise InputError(f"{path}: data_optics has {len(optics_df)} rows but no rlnOpticsGroup label")
+            raise InputError(f"{path}: data_optics has {len(optics_df)} rows but no rlnOpticsGroup label; "
+                             f"add rlnOpticsGroup to data_optics")
         optics_df = optics_df.assign(rlnOpticsGroup=1)
     ids = optics_df["rlnOpticsGroup"].to_numpy()
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
-        raise InputError(f"{path}: data_optics: optics group {ids[dup][0]} is listed twice; ids must be unique")
+        raise InputError(f"{path}: data_optics: optics group {ids[dup][0]} is listed twice; ids must be unique: "
+                         f"renumber or remove the duplicate")
     if "rlnOpticsGroup" not in particles.columns and len(ids) > 1:
-        raise InputError(f"{path}: data_particles lacks rlnOpticsGroup but data_optics has {len(ids)} groups")
+        raise InputError(f"{path}: data_particles lacks rlnOpticsGroup but data_optics has {len(ids)} groups; "
+                         f"add rlnOpticsGroup to data_particles")
     pgroups = _column(particles, "rlnOpticsGroup", ids[0], np.int64)
     lookup = {int(g): i for i, g in enumerate(ids)}
     group = np.array([lookup.get(int(g), -1) for g in pgroups], dtype=np.int64)
     if (group < 0).any():
         r = int(np.flatnonzero(group < 0)[0])
         raise InputError(f"{path}: row {r + 1} references optics group {pgroups[r]}, absent from data_optics "
-                         f"(groups: {', '.join(str(int(g)) for g in ids)})")
+                         f"(groups: {', '.join(str(int(g)) for g in ids)}); fix rlnOpticsGroup or add the group "
+                         f"to data_optics")
     pix = np.full(len(optics_df), np.nan if angpix is None else angpix)
     for label in ("rlnMicrographPixelSize", "rlnImagePixelSize"):  # later labels take precedence
         if label in optics_df.columns:
@@ -353,17 +371,20 @@ def read_star_table(path: str | os.PathLike, *, required: tuple[str, ...] = (),
     found = ", ".join(f"data_{n}" for n in blocks) or "none"
     if block is not None:
         if block not in blocks:
-            raise InputError(f"{path}: no block data_{block} (blocks found: {found})")
+            raise InputError(f"{path}: no block data_{block} (blocks found: {found}); expected a file with "
+                             f"data_{block}")
         name = block
     else:
         name = next((n for n, b in blocks.items() if set(required) <= set(b.columns)), None)
         if name is None:
-            raise InputError(f"{path}: no table holds the label(s) {', '.join(required)} (blocks found: {found})")
+            raise InputError(f"{path}: no table holds the label(s) {', '.join(required)} (blocks found: {found})"
+                             f"; check that it is the right file")
     missing = [label for label in required if label not in blocks[name].columns]
     if missing:
-        raise InputError(f"{path}: missing label(s) {', '.join(missing)} in data_{name}")
+        raise InputError(f"{path}: missing label(s) {', '.join(missing)} in data_{name}; needed: "
+                         f"{', '.join(required)}{_misspelt(missing, blocks[name].columns, required)}")
     if len(blocks[name]) == 0:
-        raise InputError(f"{path}: the table data_{name} is empty")
+        raise InputError(f"{path}: the table data_{name} is empty; expected at least one row")
     return _clean(path, name, blocks[name])
 
 
@@ -403,13 +424,13 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None,
     blocks = _read_blocks(path)
     particles, optics_df, name = _particle_tables(path, blocks)
     if len(particles) == 0:
-        raise InputError(f"{path}: the particle table data_{name} is empty")
+        raise InputError(f"{path}: the particle table data_{name} is empty; expected at least one particle row")
     needed = ["rlnImageName"] + [label for label in require if label != "rlnImageName"]
     present = set(particles.columns) | (set(optics_df.columns) if optics_df is not None else set())
     missing = [label for label in needed if label not in present]
     if missing:
         raise InputError(f"{path}: missing label(s) {', '.join(missing)} in data_{name}; "
-                         f"needed: {', '.join(needed)}")
+                         f"needed: {', '.join(needed)}{_misspelt(missing, present, needed)}")
     particles = _clean(path, name, particles)
     stacks, indices = _resolve_stacks(path, particles["rlnImageName"])
     if optics_df is not None:
@@ -436,7 +457,7 @@ def read_particles(path: str | os.PathLike, *, angpix: float | None = None,
         if (values[field] < 0).any():
             r = int(np.flatnonzero(values[field] < 0)[0])
             raise InputError(f"{path}: row {r + 1}: negative {_FIELD_LABELS[field][0]} ({values[field][r]} A); "
-                             f"RELION defocus is positive for underfocus")
+                             f"RELION defocus is positive for underfocus: fix the sign")
     eulers = np.stack([_column(source, f"rlnAngle{a}", 0.0) for a in ("Rot", "Tilt", "Psi")], axis=1)
     return ParticleSet(star_path=path, table=particles, optics_table=optics_df, optics=optics,
                        optics_group=group, image_stacks=stacks, image_indices=indices,

@@ -198,7 +198,7 @@ def _output_paths(out_root) -> tuple[Path, Path]:
     if not folder.is_dir():
         raise InputError(f"--o {out_root}: output folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
-        raise InputError(f"--o {out_root}: output folder {folder} is not writable")
+        raise InputError(f"--o {out_root}: output folder {folder} is not writable; check its permissions")
     return root.with_name(root.name + ".star"), root.with_name(root.name + ".mrcs")
 
 
