@@ -7,6 +7,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from omlrelion.errors import InputError
 from omlrelion.geometry.symmetry import point_group_matrices
@@ -77,6 +78,47 @@ def check_inputs():
                 wf.check_particles(ds["star"], n_shards=pre["n_shards"], ctf=ctf, box_size=pre["box_size"])
     except InputError as exc:
         raise WorkflowError(str(exc)) from None
+
+
+def prepare_restart():
+    """Main process only, before the DAG. When no other Snakemake of this folder runs, drop the locks
+    and partial outputs a killed run left (wf.claim_folder, wf.release_stale_locks). With
+    `verify_intermediates`, check the HDF5 intermediates the configured runs can use (wf.verify_stores;
+    a store unchanged since it last passed is not read again) and mark each corrupt one as the
+    output of an unfinished job (wf.mark_incomplete): rerun-incomplete recomputes it and everything
+    after it."""
+    if not workflow.is_main_process:
+        return
+    lines = wf.release_stale_locks(".snakemake", RESULTS) if wf.claim_folder(".snakemake") else []
+    if config.get("verify_intermediates", True):
+        stores = []
+        for dataset in config["datasets"]:
+            stores += Path(DATA.format(dataset=dataset), "preprocess").glob("*.h5")
+            for pset in config["parameter_sets"]:
+                refine = run_config(pset)["refine"]
+                last = refine["max_iterations"] if refine["until_converged"] else refine["iterations"]
+                for i in range(1, last + 1):
+                    stores += Path(IT.format(dataset=dataset, pset=pset, it=itname(i))).glob("*.h5")
+        corrupt = wf.verify_stores(stores, Path(".snakemake", "omlrelion", "verified.json"))
+        for path, reason in corrupt.items():
+            wf.mark_incomplete(path, ".snakemake")
+            lines.append(f"omlrelion: {path} failed verification: {reason}; marked incomplete: the run recomputes "
+                         f"it and everything after it")
+    for line in lines:
+        logger.warning(line)
+
+
+def report_retries(logs):
+    """onsuccess/onerror: one line counting the failed job attempts that were retried (Snakemake's
+    log files, `logs`: a path or a list of paths)."""
+    retried = []
+    for path in [logs] if isinstance(logs, str) else logs:
+        try:
+            retried += wf.retried_jobs(Path(path).read_text())
+        except OSError:
+            pass
+    if retried:
+        logger.warning(f"omlrelion: {len(retried)} failed job attempt(s) retried: {'; '.join(retried)}")
 
 
 def runs():

@@ -11,8 +11,9 @@ Root attributes: `kind` (particles | sums | volume | poses), `format_version`,
 and per kind `pad`, `r_max`, `iteration`, `half`, `shard`. Readers check `kind` and
 `format_version` always, and any attribute the caller expects (`expect={...}`), and raise
 `InputError` naming the file on a mismatch, a missing attribute, a checksum failure or a
-truncated file. Writers are atomic: a hidden temporary file in the output folder, renamed into
-place when complete (`os.replace`), so an interrupted job leaves nothing a rerun would trust.
+truncated file; `verify_file` reads every chunk of a file (the workflow's check at start).
+Writers are atomic: a hidden temporary file in the output folder, renamed into place when
+complete (`os.replace`), so an interrupted job leaves nothing a rerun would trust.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from omlrelion.io.mrc import _atomic_output
 
 __all__ = ["Compression", "ParticleStore", "ParticleStoreWriter", "config_hash", "write_sums", "read_sums",
            "write_volume", "read_volume", "write_table", "read_table", "read_attrs", "compression_report",
-           "FORMAT_VERSION", "KINDS"]
+           "verify_file", "FORMAT_VERSION", "KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,41 @@ def _get_array(path: Path, group, name: str) -> np.ndarray:
 
 def _corrupt(path: Path, exc: BaseException) -> InputError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    hint = " (checksum mismatch: the file is corrupt)" if "fletcher" in str(exc).lower() else ""
+    hint = " (checksum mismatch: the file is corrupt)" if _checksum_failure(exc) else ""
     return InputError(f"{path}: cannot read the HDF5 store{hint}: {reason}; delete it so that the workflow "
                       f"rebuilds it")
+
+
+def _checksum_failure(exc: BaseException) -> bool:
+    """A chunk failed its read filters: with Fletcher32 on every chunk, a checksum mismatch."""
+    text = str(exc).lower()
+    return "fletcher" in text or "filter returned failure" in text
+
+
+def verify_file(path) -> str | None:
+    """Read every chunk of every dataset of an HDF5 file, which checks its Fletcher32 checksums.
+
+    Returns None when the file reads back completely, else one line of why: "checksum mismatch in
+    dataset ..." or "unreadable HDF5 file (...)" (truncated, not HDF5, damaged metadata). Memory:
+    one chunk (about 1 MiB) at a time.
+    """
+    path = Path(path)
+    name = None
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            for ds in _datasets(f):
+                name = ds.name
+                if ds.chunks is None:
+                    ds[()]
+                else:
+                    for sel in ds.iter_chunks():
+                        ds[sel]
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _checksum_failure(exc):
+            return f"checksum mismatch in dataset {name} ({reason})"
+        return f"unreadable HDF5 file ({reason})"
+    return None
 
 
 def _clean_attr(value):

@@ -25,6 +25,7 @@ r* + incr_size; the final iteration uses all data up to the limit (`maxres_A` or
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import logging
@@ -430,7 +431,7 @@ def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int,
             data, weight = to_numpy(data), to_numpy(weight)
     attrs = {"box_size": box, "angpix": angpix, "pad": grid.pad, "r_max": r_max, "iteration": iteration,
              "half": half, "shard": shard, "n_particles": len(index), "config_hash": h5.config_hash(opts),
-             "precision": opts["precision"], "elapsed_s": time.perf_counter() - t0}
+             "precision": opts["precision"]}
     compression = _compression(opts["compression"])
     h5.write_table(out_poses, {"index": index, "eulers_deg": eulers, "shifts_px": shifts, "score": scores},
                    attrs={k: attrs[k] for k in ("box_size", "angpix", "iteration", "half", "shard", "config_hash")},
@@ -539,11 +540,12 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
     tau2, sigma2, ssnr = tau2_from_fsc(weight, model["fsc"], grid=grid, whole_data=False, fudge=opts["tau2_fudge"])
     volume = _reconstruct(data, weight, grid, opts, device, tau2=tau2)
     out = {"box_size": grid.box_size, "angpix": float(attrs["angpix"]), "pad": grid.pad, "r_max": grid.r_max,
-           "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]}),
-           "elapsed_s": time.perf_counter() - t0}
+           "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]})}
     h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))
     write_map(out_mrc, volume, float(attrs["angpix"]))
     write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
+    log.info("iteration %d, half %d: map reconstructed to r_max %d on %s in %.1f s", iteration, half, grid.r_max,
+             device.name, time.perf_counter() - t0)
     return out
 
 
@@ -845,3 +847,125 @@ def sweep_table(summaries, out_tsv, out_md) -> list[dict]:
     tmp.write_text("\n".join(md) + "\n")
     os.replace(tmp, out_md)
     return rows
+
+
+# --------------------------------------------------------------------------- restarts (run by the Snakefile)
+def verify_stores(paths, cache_path) -> dict[str, str]:
+    """Check the HDF5 intermediates `paths` before Snakemake plans a run: {path: reason} of the corrupt ones.
+
+    Every chunk is read (`h5.verify_file`: Fletcher32 checksums, truncation, damaged metadata). A
+    store whose size, mtime, ctime and inode are those recorded when it last passed (`cache_path`,
+    JSON) is not read again: any write to it, an mtime put back included, changes its ctime.
+    Nothing is modified but the cache; the Snakefile marks the corrupt ones incomplete (mark_incomplete).
+    """
+    cache_path = Path(cache_path)
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    passed, corrupt = {}, {}
+    for path in sorted(str(p) for p in paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        reason = None if cache.get(path) == key else h5.verify_file(path)
+        if reason is None:
+            passed[path] = key
+        else:
+            corrupt[path] = reason
+    if passed != cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(cache_path, passed)
+    return corrupt
+
+
+def mark_incomplete(path, snakemake_dir=".snakemake") -> None:
+    """Record `path` as an output of an unfinished job, as Snakemake's default (file) persistence does
+    while a job runs: `<snakemake_dir>/incomplete/<urlsafe base64 of the path>`, split into folders
+    of at most NAME_MAX characters. With rerun-incomplete (the workflow profile's default) Snakemake
+    then reruns the job that writes it and, as for any rerun job, everything after it; without,
+    it stops and names the file. (Moving the file aside would not do: Snakemake does not rebuild a
+    missing intermediate whose dependents are up to date.)"""
+    folder = Path(snakemake_dir) / "incomplete"
+    folder.mkdir(parents=True, exist_ok=True)
+    size = (os.pathconf(folder, "PC_NAME_MAX") if os.name == "posix" else 255) or 255
+    name = base64.urlsafe_b64encode(str(path).encode()).decode()
+    parts = [name[i:i + size - 1] for i in range(0, len(name), size - 1)]
+    record = folder.joinpath(*["@" + p for p in parts[:-1]], parts[-1])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"external_jobid": None}))
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (/proc, clock ticks since boot), None if it does not run."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def claim_folder(snakemake_dir=".snakemake") -> bool:
+    """Record this main Snakemake process; True when no other one recorded in this folder still runs.
+
+    Every start of the workflow's main process records itself (host, pid, process start time) in
+    `<snakemake_dir>/omlrelion/runs/`; records of processes that have ended are dropped. A record
+    from another host, or where /proc is missing, counts as running (False: nothing is cleaned).
+    """
+    runs = Path(snakemake_dir) / "omlrelion" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    host, me, live = os.uname().nodename, os.getpid(), 0
+    for record in runs.glob("*.json"):
+        try:
+            rec = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("host") == host and rec.get("pid") == me:
+            continue
+        if rec.get("host") == host and Path("/proc/self/stat").exists() and _process_start(rec["pid"]) != rec["start"]:
+            record.unlink(missing_ok=True)
+        else:
+            live += 1
+    _write_json(runs / f"{host}-{me}.json", {"host": host, "pid": me, "start": _process_start(me)})
+    return live == 0
+
+
+def release_stale_locks(snakemake_dir=".snakemake", results="results") -> list[str]:
+    """Let a plain rerun resume after a kill (call only when `claim_folder` says nothing else runs).
+
+    A SIGKILL, an out-of-memory kill, a power loss leave Snakemake's locks (`<snakemake_dir>/locks`,
+    its default file persistence) behind, and the next run would stop with a LockException until
+    `snakemake --unlock`; the locks are removed. So are the hidden temporaries (`.<name>...tmp`)
+    that killed jobs left under `results` (outputs are written under such names and renamed when
+    complete; nothing reads them). Returns the warning lines.
+    """
+    lines = []
+    locks = sorted((Path(snakemake_dir) / "locks").glob("*.lock"))
+    for lock in locks:
+        lock.unlink(missing_ok=True)
+    if locks:
+        lines.append(f"omlrelion: removed the locks that an interrupted Snakemake left in "
+                     f"{Path(snakemake_dir).resolve()} (no other Snakemake of this folder runs)")
+    temporaries = sorted(p for p in Path(results).rglob(".*.tmp") if p.is_file())
+    for tmp in temporaries:
+        tmp.unlink(missing_ok=True)
+    if temporaries:
+        lines.append(f"omlrelion: removed {len(temporaries)} partial output(s) of interrupted jobs under {results}")
+    return lines
+
+
+def retried_jobs(snakemake_log: str) -> list[str]:
+    """The failed attempts that Snakemake retried (profile `retries`), read from the text of its log:
+    one "rule (job log)" per failed attempt, in order."""
+    out, rule, job_log = [], None, None
+    for line in snakemake_log.splitlines():
+        text = line.strip()
+        if text.startswith("Error in rule "):
+            rule, job_log = text.removeprefix("Error in rule ").rstrip(":"), None
+        elif rule and text.startswith("log: "):
+            job_log = text.removeprefix("log: ").split(" (")[0]
+        elif rule and text.startswith("Trying to restart job "):
+            out.append(f"{rule} ({job_log})" if job_log else rule)
+            rule = None
+    return out

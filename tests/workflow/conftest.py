@@ -6,6 +6,7 @@ The `slurm` marker: tests that submit to a real SLURM cluster on localhost
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -86,3 +87,49 @@ def planned_outputs(output: str) -> list[str]:
         if line.strip().startswith("output:"):
             files += [f.strip() for f in line.split(":", 1)[1].split(",")]
     return files
+
+
+# ---------------------------------------------------------------- comparing runs
+# What legitimately differs between two runs of one config: the job logs and Snakemake's
+# benchmark files (times, memory) and, in the summaries, the sums of the jobs' wall times and the
+# peak memory. Everything else under results/ (maps, STAR files, HDF5 stores, model.json, plots)
+# must be byte-identical.
+VOLATILE = ("cpu_wall_s", "peak_rss_mb")
+
+
+def _table_without(text: str, sep: str) -> list[list[str]]:
+    rows = [[c.strip() for c in line.strip().strip("|").split(sep)] for line in text.splitlines() if line.strip()]
+    drop = {i for i, name in enumerate(rows[0]) if name in VOLATILE}
+    return [[c for i, c in enumerate(row) if i not in drop] for row in rows]
+
+
+def run_outputs(folder: Path) -> dict[str, object]:
+    """Every file under folder/results but logs/ and benchmarks/: relative path -> its bytes
+    (summary.json, summary.tsv, summary.md: their contents without the VOLATILE entries)."""
+    out: dict[str, object] = {}
+    for path in sorted((folder / "results").rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or {"logs", "benchmarks"} & set(rel.parts):
+            continue
+        if path.name == "summary.json":
+            out[str(rel)] = {k: v for k, v in json.loads(path.read_text()).items() if k not in VOLATILE}
+        elif path.name in ("summary.tsv", "summary.md"):
+            out[str(rel)] = _table_without(path.read_text(), "\t" if path.suffix == ".tsv" else "|")
+        else:
+            out[str(rel)] = path.read_bytes()
+    return out
+
+
+FINAL_OUTPUTS = ("final/run_class001.mrc", "final/run_half1_class001_unfil.mrc", "final/run_half2_class001_unfil.mrc",
+                 "final/run_data.star", "final/run_model.star", "postprocess/postprocess.star",
+                 "postprocess/postprocess.mrc", "it002/sums_half1.h5", "it002/sums_half2_shard1.h5",
+                 "it002/poses_half1_shard2.h5", "it001/half1.h5", "summary.json")
+
+
+def assert_same_outputs(reference: dict, other: dict) -> None:
+    """The two runs' outputs (run_outputs) are the same files with the same contents."""
+    assert sorted(other) == sorted(reference), set(other) ^ set(reference)
+    for name in FINAL_OUTPUTS:
+        assert f"results/tiny/default/{name}" in reference, name
+    differ = [name for name in reference if reference[name] != other[name]]
+    assert not differ, f"differ from the reference run: {differ}"

@@ -1,6 +1,7 @@
 """config/test.yaml through `snakemake --profile slurm` on the local SLURM cluster
 (tests/workflow/slurm_cluster.sh): every job goes through sbatch, GPU rules ask for a GPU and CPU
-rules do not, and the outputs equal those of the local run bit for bit."""
+rules do not, and the outputs equal those of the local run bit for bit; a job that fails once is
+submitted again (the profile's `retries`) and reported."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e \"
 from omlrelion.io import h5
 from omlrelion.io.mrc import read_map
 from omlrelion.io.star import read_particles
+from omlrelion.pipeline.logs import FAULT_ENV
 
-from .conftest import REPO, SLURM_DIR, TEST_CONFIG, job_counts, slurm_env, snakemake
+from .conftest import (REPO, SLURM_DIR, TEST_CONFIG, assert_same_outputs, job_counts, run_outputs, slurm_env,
+                       snakemake)
 
 GPU_RULES = {"expectation", "reconstruct_half", "reconstruct_unfil", "reconstruct_joined"}
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
@@ -63,3 +66,28 @@ def test_workflow_through_slurm_equals_local_run(tiny_run, tmp_path):
     p1 = read_particles(local / "tiny/default/final/run_data.star")
     p2 = read_particles(remote / "tiny/default/final/run_data.star")
     assert np.array_equal(p1.eulers_deg, p2.eulers_deg) and np.array_equal(p1.shifts_px, p2.shifts_px)
+
+
+@pytest.mark.slow  # about 3 minutes, as the run above
+@pytest.mark.slurm
+def test_failed_slurm_job_is_retried_and_reported(tiny_run, tmp_path):
+    """One expectation job fails on its first attempt (OMLRELION_FAULT=fail_once, which sbatch
+    exports to the job): the slurm profile's `retries` submits it again, the run completes, the
+    failed attempt is reported (Snakemake's "Trying to restart job" and the workflow's closing
+    "retried" line), and every output equals the local run's."""
+    job_log = "results/tiny/default/logs/it001/expectation_half2_shard1.log"
+    env = {**slurm_env(), FAULT_ENV: "fail_once:*/it001/expectation_half2_shard1.log"}
+    proc = snakemake(tmp_path, "--profile", str(REPO / "slurm"), "--configfile", str(TEST_CONFIG),
+                     "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1",
+                     env=env, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert (tmp_path / f"{job_log}.fault").is_file()  # the first attempt ran and failed on purpose
+    submitted = [(int(j), Path(log).parts[-3].removeprefix("rule_")) for j, log in SUBMITTED.findall(out)]
+    assert len(submitted) == job_counts(out)["total"]  # every job but `all`, and the failed one twice
+    controller = (SLURM_DIR / "log" / "slurmctld.log").read_text()
+    failed = [(job, rule) for job, rule in submitted if f"_job_complete: JobId={job} WEXITSTATUS 0" not in controller]
+    assert [rule for _, rule in failed] == ["expectation"], failed
+    assert f"_job_complete: JobId={failed[0][0]} WEXITSTATUS 0" not in controller
+    assert "Trying to restart job" in out
+    assert f"omlrelion: 1 failed job attempt(s) retried: expectation ({job_log}" in out
+    assert_same_outputs(run_outputs(tiny_run[0]), run_outputs(tmp_path))
