@@ -12,6 +12,9 @@ RMS offset error and the FSC of the final map against the truth (0.5 and 0.143).
   python benchmarks/refine_vs_relion.py ours --dir sci --device gpu     # omlrelion refine, in sci/ours
   python benchmarks/refine_vs_relion.py compare --dir sci               # the table
 
+The start map is the truth low-passed, so it is CTF-corrected: RELION gets `--ctf_corrected_ref`
+(what its GUI passes by default), without which its first iteration compares images with
+projections that lack the CTF; omlrelion always treats the reference as CTF-corrected.
 Both programs get the same options (`relion_options` / `ours_options` below): HEALPix order 2,
 local searches from order 4, offsets 5 px in steps of 2 px, pad 2, gridding on, particle
 diameter, solvent flattening, zero-masked images and the halves joined below 40 A.
@@ -53,7 +56,7 @@ def relion_options(mpi: int, threads: int) -> list[str]:
     program = shutil.which("relion_refine_mpi") or "relion_refine_mpi"
     return (["mpirun", "--oversubscribe", "--allow-run-as-root", "-n", str(mpi), program]
             + ["--i", "particles_start.star", "--ref", "start.mrc", "--o", "relion/run", "--auto_refine",
-               "--split_random_halves", "--ctf", "--ini_high", str(INI_HIGH_A),
+               "--split_random_halves", "--ctf", "--ctf_corrected_ref", "--ini_high", str(INI_HIGH_A),
                "--particle_diameter", str(PARTICLE_DIAMETER_A), "--flatten_solvent", "--zero_mask",
                "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
                "--offset_range", "5", "--offset_step", "2", "--sym", "C1", "--low_resol_join_halves", "40",
