@@ -5,4 +5,4 @@ logs.setup_logging(snakemake.log[0])
 workflow.reconstruct_joined(snakemake.input.sums1, snakemake.input.sums2, snakemake.input.model,
                             snakemake.output.mrc, snakemake.output.model_star, iteration=int(snakemake.params.it),
                             opts=dict(snakemake.params.opts),
-                            device=workflow.job_device(snakemake.resources.get("gpu", 0)))
+                            devices=workflow.job_devices(snakemake.resources.get("gpu", 0)))

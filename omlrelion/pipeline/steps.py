@@ -28,11 +28,10 @@ from omlrelion.io.mrc import ImageStack, write_map
 from omlrelion.io.star import ParticleSet, read_particles, read_star_table
 from omlrelion.pipeline.logs import progress
 from omlrelion.reconstruct.autotune import fallback_plan, plan_for
-from omlrelion.reconstruct.plan import Plan, is_out_of_memory, release_memory
-from omlrelion.reconstruct.columns import ColumnEngine, dense_float32_bytes, reconstruct_packed
+from omlrelion.reconstruct.columns import dense_float32_bytes
 from omlrelion.reconstruct.fsc import fsc, resolution_at, tau2_from_fsc
-from omlrelion.reconstruct.gridding import reconstruct_map
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
+from omlrelion.reconstruct.plan import Plan, is_out_of_memory, release_memory, run_plan
 from omlrelion.units import r_max_for_resolution
 
 log = logging.getLogger(__name__)
@@ -268,22 +267,10 @@ def _sums_to_volume(particles: ParticleSet, grid: PaddedGrid, devices: list[Devi
             tau2, _, _ = tau2_from_fsc(weight, fsc_curve, grid=grid, whole_data=True)
         device.synchronize()
         timings["symmetrise"] = time.perf_counter() - t
-        if plan.single_device_path:
-            volume = reconstruct_map(data, weight, box_size=box_size, pad=grid.pad, r_max=grid.r_max,
-                                     n_iter=opts.n_iter, skip_gridding=opts.skip_gridding, tau2=tau2,
-                                     nn_linear_correction=False, timings=timings,
-                                     fft_size=None if plan.is_exact(grid) else plan.fft_size)
-        else:
-            # pack, then free each dense array before the next is packed
-            engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size, kernel=plan.kernel,
-                                  convolution=plan.convolution)
-            sums = {"weight": weight, "data": data}
-            del data, weight
-            fw = engine.pack_centred(sums.pop("weight"))
-            packed_data = engine.pack_centred(sums.pop("data"))
-            volume = reconstruct_packed(engine, packed_data, fw, n_iter=opts.n_iter,
-                                        skip_gridding=opts.skip_gridding, tau2=tau2, stage_data=plan.stage_data,
-                                        timings=timings)
+        sums = {"data": data, "weight": weight}
+        del data, weight                 # a packed plan frees each dense array once it is packed
+        volume = run_plan(plan, grid, devices, sums, n_iter=opts.n_iter, skip_gridding=opts.skip_gridding,
+                          tau2=tau2, timings=timings)
         return to_numpy(volume).astype(np.float32)
 
 

@@ -53,9 +53,18 @@ from omlrelion.io import h5
 from omlrelion.io.mrc import ImageStack, read_map, write_map
 from omlrelion.io.star import read_particles, write_particles, write_star
 from omlrelion.pipeline.simulate import SimulateParams, simulate
-from omlrelion.reconstruct.fsc import MINRES_MAP, fsc, fsc_from_sums, resolution_at, resolution_shell, tau2_from_fsc
-from omlrelion.reconstruct.gridding import reconstruct_map, soft_sphere
+from omlrelion.reconstruct.autotune import plan_for
+from omlrelion.reconstruct.fsc import (
+    MINRES_MAP,
+    fsc,
+    fsc_from_sums,
+    resolution_at,
+    resolution_shell,
+    tau2_from_fsc,
+)
+from omlrelion.reconstruct.gridding import soft_sphere
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
+from omlrelion.reconstruct.plan import run_plan
 from omlrelion.refine.outputs import write_model_star
 from omlrelion.units import r_max_for_resolution
 
@@ -66,16 +75,25 @@ _GPU_LOCKS: list = []
 
 
 # --------------------------------------------------------------------------- helpers
-def job_device(gpus: int = 0) -> Device:
-    """Where a job computes: a GPU when it asked for one (resources gpu >= 1) and CuPy sees one.
+def job_devices(gpus: int = 0) -> list[Device]:
+    """Where a job computes: the `gpus` GPUs it asked for (resources gpu), or the host.
 
-    Of the visible GPUs it takes the first that no other omlrelion job on this machine holds
-    (an flock on a file named by the GPU's PCI bus id, kept until the process ends), so that
-    concurrent local jobs spread over a workstation's GPUs; the host otherwise.
+    Of the visible GPUs it takes the first that no other omlrelion job on this machine holds (an
+    flock on a file named by the GPU's PCI bus id, kept until the process ends), so that concurrent
+    local jobs spread over a workstation's GPUs; when fewer are free it runs on those (sharing GPU 0
+    when none is). On a machine where CuPy sees no GPU, a job that asked for N > 1 GPUs runs the
+    same multi-device algorithm on N simulated host devices (the same map), one that asked for 0
+    or 1 on the host.
     """
-    if not gpus or gpu_count() == 0:
-        return Device()
+    gpus = int(gpus or 0)
+    if gpu_count() == 0:
+        return [Device()] * max(gpus, 1)
+    if gpus == 0:
+        return [Device()]
+    held = []
     for i in range(gpu_count()):
+        if len(held) == gpus:
+            break
         bus = backend.cp.cuda.Device(i).pci_bus_id.replace(":", "_")
         fd = os.open(os.path.join(tempfile.gettempdir(), f"omlrelion-gpu-{bus}.lock"), os.O_CREAT | os.O_RDWR)
         try:
@@ -84,9 +102,19 @@ def job_device(gpus: int = 0) -> Device:
             os.close(fd)
             continue
         _GPU_LOCKS.append(fd)
-        return Device(i)
-    log.warning("every visible GPU is held by another omlrelion job; sharing GPU 0")
-    return Device(0)
+        held.append(Device(i))
+    if not held:
+        log.warning("every visible GPU is held by another omlrelion job; sharing GPU 0")
+        return [Device(0)]
+    if len(held) < gpus:
+        log.warning("%d GPUs asked for, %d free: running on GPU %s", gpus, len(held),
+                    ",".join(str(d.gpu) for d in held))
+    return held
+
+
+def job_device(gpus: int = 0) -> Device:
+    """The one device of a single-device job (`job_devices` with at most one GPU)."""
+    return job_devices(min(int(gpus or 0), 1))[0]
 
 
 def _compression(opts: dict) -> h5.Compression:
@@ -310,7 +338,11 @@ def _search_shard(store, index, columns, ref_ftc, grid: PaddedGrid, search: dict
     RELION's 1/sigma2 weights. sigma2 per shell comes from the shard's own images (spec 5.9).
     Returns (data, weight, best eulers, best shifts, Pmax) on `device` / the host."""
     from omlrelion.refine.autorefine import fine_pass_batch, initial_sigma2, window_2d
-    from omlrelion.refine.expectation import HalfPlanePixels, expectation, offset_log_prior
+    from omlrelion.refine.expectation import (
+        HalfPlanePixels,
+        expectation,
+        offset_log_prior,
+    )
     from omlrelion.refine.maximization import inverse_sigma2_plane
     from omlrelion.refine.sampling import Sampling
 
@@ -518,17 +550,20 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
 
 
 # --------------------------------------------------------------------------- reconstruction
-def _reconstruct(data, weight, grid: PaddedGrid, opts: dict, device: Device, tau2=None):
-    with device.use():
-        volume = reconstruct_map(device.put(data), device.put(weight), box_size=grid.box_size, pad=grid.pad,
-                                 r_max=grid.r_max, n_iter=int(opts["gridding_iterations"]),
-                                 skip_gridding=int(opts["gridding_iterations"]) == 0, tau2=tau2,
-                                 tau2_fudge=float(opts["tau2_fudge"]), minres_map=MINRES_MAP)
+def _reconstruct(data, weight, grid: PaddedGrid, opts: dict, devices: list[Device], tau2=None):
+    """The sums-to-map step on `devices`: dense on one, packed by columns over several (the same map)."""
+    n_iter = int(opts["gridding_iterations"])
+    plan = plan_for(grid, devices, None, real_dtype=weight.dtype, n_iter=n_iter, map_term=tau2 is not None)
+    log.info("sums to map: %s on %s", plan.describe(), devices[0].name)
+    with devices[0].use():
+        sums = {"data": devices[0].put(data), "weight": devices[0].put(weight)}
+        volume = run_plan(plan, grid, devices, sums, n_iter=n_iter, skip_gridding=n_iter == 0, tau2=tau2,
+                          tau2_fudge=float(opts["tau2_fudge"]), minres_map=MINRES_MAP)
         return to_numpy(volume).astype(np.float32)
 
 
 def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, half: int, iteration: int,
-                     opts: dict, device: Device = Device()) -> dict:
+                     opts: dict, devices: list[Device] | None = None) -> dict:
     """The half map of one iteration: MAP reconstruction with tau2 from the halves' FSC (spec 4.4).
 
     opts: tau2_fudge, gridding_iterations, compression.
@@ -538,28 +573,29 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
     data, weight, attrs = h5.read_sums(sums, expect={"iteration": iteration, "half": half, "r_max": model["r_max"]})
     grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
     tau2, sigma2, ssnr = tau2_from_fsc(weight, model["fsc"], grid=grid, whole_data=False, fudge=opts["tau2_fudge"])
-    volume = _reconstruct(data, weight, grid, opts, device, tau2=tau2)
+    devices = devices or [Device()]
+    volume = _reconstruct(data, weight, grid, opts, devices, tau2=tau2)
     out = {"box_size": grid.box_size, "angpix": float(attrs["angpix"]), "pad": grid.pad, "r_max": grid.r_max,
            "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]})}
     h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))
     write_map(out_mrc, volume, float(attrs["angpix"]))
     write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
-    log.info("iteration %d, half %d: map reconstructed to r_max %d on %s in %.1f s", iteration, half, grid.r_max,
-             device.name, time.perf_counter() - t0)
+    log.info("iteration %d, half %d: map reconstructed to r_max %d on %d device(s) (%s) in %.1f s", iteration,
+             half, grid.r_max, len(devices), devices[0].name, time.perf_counter() - t0)
     return out
 
 
 def reconstruct_unfil(sums, model_json, out_mrc, *, half: int, iteration: int, opts: dict,
-                      device: Device = Device()) -> None:
+                      devices: list[Device] | None = None) -> None:
     """Final iteration: the unregularised half map (no tau2), RELION's run_half{h}_class001_unfil.mrc."""
     model = _read_json(model_json)
     data, weight, attrs = h5.read_sums(sums, expect={"iteration": iteration, "half": half, "r_max": model["r_max"]})
     grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
-    write_map(out_mrc, _reconstruct(data, weight, grid, opts, device), float(attrs["angpix"]))
+    write_map(out_mrc, _reconstruct(data, weight, grid, opts, devices or [Device()]), float(attrs["angpix"]))
 
 
 def reconstruct_joined(sums1, sums2, model_json, out_mrc, out_model_star, *, iteration: int, opts: dict,
-                       device: Device = Device()) -> None:
+                       devices: list[Device] | None = None) -> None:
     """Final iteration: both halves' sums added, tau2 from the full-data FSC estimate sqrt(2f/(1+f))."""
     model = _read_json(model_json)
     d1, w1, attrs = h5.read_sums(sums1, expect={"iteration": iteration, "half": 1, "r_max": model["r_max"]})
@@ -568,7 +604,7 @@ def reconstruct_joined(sums1, sums2, model_json, out_mrc, out_model_star, *, ite
     d1 += d2
     w1 += w2
     tau2, sigma2, ssnr = tau2_from_fsc(w1, model["fsc"], grid=grid, whole_data=True, fudge=opts["tau2_fudge"])
-    write_map(out_mrc, _reconstruct(d1, w1, grid, opts, device, tau2=tau2), float(attrs["angpix"]))
+    write_map(out_mrc, _reconstruct(d1, w1, grid, opts, devices or [Device()], tau2=tau2), float(attrs["angpix"]))
     write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
 
 

@@ -23,6 +23,7 @@ from omlrelion.reconstruct.plan import (
     Plan,
     free_memory,
     largest_prime_factor,
+    run_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -425,15 +426,4 @@ def _random_sums(grid: PaddedGrid, device: Device, real, seed: int = 0):
 
 
 def _run_plan(plan: Plan, grid: PaddedGrid, devices: list[Device], data, weight, n_iter: int):
-    from omlrelion.reconstruct.columns import ColumnEngine, reconstruct_packed
-    from omlrelion.reconstruct.gridding import reconstruct_map
-
-    kwargs = {"n_iter": n_iter, "skip_gridding": n_iter <= 0}
-    with devices[0].use():
-        if plan.single_device_path:
-            return reconstruct_map(data, weight, box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max,
-                                   fft_size=None if plan.fft_size == grid.size else plan.fft_size, **kwargs)
-        engine = ColumnEngine(grid, list(devices[:plan.n_devices]), strided=plan.strided, fft_size=plan.fft_size,
-                              kernel=plan.kernel, convolution=plan.convolution)
-        return reconstruct_packed(engine, engine.pack_centred(data), engine.pack_centred(weight),
-                                  stage_data=plan.stage_data, **kwargs)
+    return run_plan(plan, grid, devices, {"data": data, "weight": weight}, n_iter=n_iter)

@@ -167,3 +167,30 @@ def release_memory(devices: list[Device]) -> None:
                 cp.fft.config.get_plan_cache().clear()
                 cp.get_default_memory_pool().free_all_blocks()
                 cp.get_default_pinned_memory_pool().free_all_blocks()
+
+
+def run_plan(plan: Plan, grid: PaddedGrid, devices: list[Device], sums: dict, *, n_iter: int = 10,
+             skip_gridding: bool = False, tau2=None, tau2_fudge: float = 1.0, minres_map: int = -1, timings=None):
+    """The sums-to-map step as `plan` says: the (N, N, N) map on devices[0] (or the host).
+
+    sums : {"data": complex, "weight": real} centred half-grid sums on devices[0]. The dict is
+        emptied: a packed plan packs the weight, then the data, dropping each dense array once
+        packed, so the caller must hold no other reference to them to get that memory back.
+    """
+    from omlrelion.reconstruct.columns import ColumnEngine, reconstruct_packed
+    from omlrelion.reconstruct.gridding import reconstruct_map
+
+    devices = list(devices[:plan.n_devices])
+    kwargs = {"n_iter": n_iter, "skip_gridding": skip_gridding or n_iter <= 0, "tau2": tau2,
+              "tau2_fudge": tau2_fudge, "minres_map": minres_map, "timings": timings}
+    with devices[0].use():
+        if plan.single_device_path:
+            data, weight = sums.pop("data"), sums.pop("weight")
+            return reconstruct_map(data, weight, box_size=grid.box_size, pad=grid.pad, r_max=grid.r_max,
+                                   nn_linear_correction=False,
+                                   fft_size=None if plan.is_exact(grid) else plan.fft_size, **kwargs)
+        engine = ColumnEngine(grid, devices, strided=plan.strided, fft_size=plan.fft_size, kernel=plan.kernel,
+                              convolution=plan.convolution)
+        fw = engine.pack_centred(sums.pop("weight"))
+        packed_data = engine.pack_centred(sums.pop("data"))
+        return reconstruct_packed(engine, packed_data, fw, stage_data=plan.stage_data, **kwargs)

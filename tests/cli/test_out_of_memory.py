@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import omlrelion.pipeline.steps as steps
+import omlrelion.reconstruct.columns as columns
+import omlrelion.reconstruct.gridding as gridding
 import omlrelion.reconstruct.autotune as autotune
 from omlrelion.cli.main import run
 from omlrelion.reconstruct.plan import is_out_of_memory
@@ -40,7 +42,7 @@ def _dense_runs_out(monkeypatch):
         calls.append("dense")
         raise OutOfMemoryError("Out of memory allocating 1,234 bytes (allocated so far: 5,678 bytes).")
 
-    monkeypatch.setattr(steps, "reconstruct_map", dense)
+    monkeypatch.setattr(gridding, "reconstruct_map", dense)
     return calls
 
 
@@ -69,7 +71,7 @@ def test_stops_with_one_line_when_no_plan_is_left(particles, tmp_path, monkeypat
     def packed(*args, **kwargs):
         raise OutOfMemoryError("Out of memory allocating 999 bytes")
 
-    monkeypatch.setattr(steps, "reconstruct_packed", packed)
+    monkeypatch.setattr(columns, "reconstruct_packed", packed)
     assert run(["reconstruct", "--i", str(particles), "--o", str(out / "m.mrc"), "--json", str(out / "m.json"),
                 "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -82,7 +84,7 @@ def test_other_errors_are_not_taken_for_memory(particles, tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise ValueError("a bug, not memory")
 
-    monkeypatch.setattr(steps, "reconstruct_map", broken)
+    monkeypatch.setattr(gridding, "reconstruct_map", broken)
     with pytest.raises(ValueError, match="a bug"):
         steps.reconstruct(particles, tmp_path / "m.mrc", steps.ReconstructOptions(), show_progress=False)
     assert not (tmp_path / "m.mrc").exists()

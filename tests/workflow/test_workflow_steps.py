@@ -191,3 +191,38 @@ def test_postprocess_on_noisy_halves(tmp_path, rng):
     curve = fsc(truth.astype(np.float64), truth + 0.05 * rng.standard_normal(truth.shape))
     assert 6.0 <= out["resolution_A"] <= 12.0 and out["bfactor"] < 0
     assert np.isfinite(curve).all() and all(p.is_file() for p in outputs.values())
+
+
+def test_reconstruction_jobs_on_several_devices_give_the_one_device_maps(sim, tmp_path, monkeypatch):
+    """resources gpu: N > 1 on a machine without GPUs runs the multi-device (packed, by columns)
+    sums-to-map step on N simulated devices: the same half, unfiltered and joined maps."""
+    from omlrelion.backend import Device
+    from omlrelion.io.mrc import read_map
+
+    monkeypatch.setattr(wf, "gpu_count", lambda: 0)
+    assert wf.job_devices(0) == [Device()] and wf.job_devices(1) == [Device()]
+    assert wf.job_devices(3) == [Device()] * 3
+    store = tmp_path / "p.h5"
+    wf.preprocess(sim, store, opts=PRE)
+    schedule = {"iterations": 1, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 20.0,
+                "incr_size": 4}
+    opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "double", "compression": COMPRESSION,
+            "first": wf.first_iteration(schedule)}
+    _iteration(store, tmp_path, 1, opts)
+    wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
+                    opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 1)})
+    rec = {"tau2_fudge": 1.0, "gridding_iterations": 10, "compression": COMPRESSION}
+    maps = {}
+    for n in (1, 3):
+        devices = wf.job_devices(n)
+        wf.reconstruct_half(tmp_path / "it1_sums_1.h5", tmp_path / "m1.json", tmp_path / f"half_{n}.h5",
+                            tmp_path / f"half_{n}.mrc", tmp_path / f"half_{n}_model.star", half=1, iteration=1,
+                            opts=rec, devices=devices)
+        wf.reconstruct_unfil(tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", tmp_path / f"unfil_{n}.mrc", half=2,
+                             iteration=1, opts=rec, devices=devices)
+        wf.reconstruct_joined(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json",
+                              tmp_path / f"joined_{n}.mrc", tmp_path / f"joined_{n}_model.star", iteration=1, opts=rec,
+                              devices=devices)
+        maps[n] = [read_map(tmp_path / f"{kind}_{n}.mrc")[0].astype(np.float64) for kind in ("half", "unfil", "joined")]
+    for one, three in zip(maps[1], maps[3]):
+        assert np.linalg.norm(three - one) / np.linalg.norm(one) < 1e-5      # float32 files of float64 maps
