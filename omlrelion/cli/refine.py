@@ -65,6 +65,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perturb", type=float, default=0.5,
                    help="random perturbation of the sampling grids each iteration, in coarse steps "
                         "(RELION's; default 0.5, 0: none)")
+    p.add_argument("--sym", default="C1",
+                   help="point group (RELION's symbols, default C1): the search covers its asymmetric unit "
+                        "of directions and the sums are symmetrised")
     p.add_argument("--pad", type=float, default=2.0, help="padding factor (default 2)")
     p.add_argument("--batch", type=int, default=256, help="particles per E-step batch (default 256)")
     p.add_argument("--seed", type=int, default=0,
@@ -85,6 +88,18 @@ def _load_images(particles) -> np.ndarray:
                              f"fix rlnImageSize in data_optics or re-extract the particles")
         out[sel] = stack.read(particles.image_indices[sel])
     return out
+
+
+def _check_symmetry(symbol: str) -> None:
+    """A point group that the sampling can reduce (one line naming --sym otherwise), before any file is read."""
+    from omlrelion.geometry.symmetry import point_group_matrices
+    from omlrelion.refine.sampling import asymmetric_unit, healpix_directions
+
+    try:
+        point_group_matrices(symbol)
+        asymmetric_unit(healpix_directions(0), symbol)
+    except (InputError, ValueError) as exc:
+        raise InputError(f"--sym {symbol}: {exc}") from None
 
 
 def _halves(particles, seed: int) -> np.ndarray:
@@ -111,6 +126,7 @@ def main(args: argparse.Namespace) -> dict:
                          "--offset_range >= 0")
     if not (math.isfinite(args.pad) and args.pad >= 1):
         raise InputError(f"--pad {args.pad:g}: the padding factor must be a number >= 1")
+    _check_symmetry(args.sym)
     device = parse_device(args.device)[0]
     folder = args.root.parent if str(args.root.parent) else Path(".")
     if not folder.is_dir():
@@ -138,7 +154,8 @@ def main(args: argparse.Namespace) -> dict:
                          auto_local_order=args.auto_local_healpix_order, particle_diameter_A=args.particle_diameter,
                          auto_refine=args.auto_refine, skip_gridding=args.skip_gridding, zero_mask=args.zero_mask,
                          flatten_solvent=args.flatten_solvent, low_resol_join_A=args.low_resol_join_halves,
-                         schedule=not args.fixed_sampling, perturb=args.perturb, random_seed=args.seed)
+                         schedule=not args.fixed_sampling, perturb=args.perturb, random_seed=args.seed,
+                         symmetry=args.sym.upper())
     state = None
     if args.resume is not None:
         state, halves = _resume(args.resume, particles.n_particles)

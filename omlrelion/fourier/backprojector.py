@@ -24,6 +24,9 @@ from omlrelion.fourier.interp import image_pixel_xy, slice_positions
 from omlrelion.units import relion_round
 
 
+HOST_CHUNK_PIXELS = 1 << 20     # image pixels inserted at once on the host
+
+
 def insert_slices(data_ftc, weight_ftc, images_ft, weights_ft, rotations, *, pad: float,
                   r_padded: int, nn: bool = False, r_min_nn: float = 10.0) -> None:
     """Add m image transforms and their weights into `data_ftc` and `weight_ftc`, in place.
@@ -43,7 +46,14 @@ def insert_slices(data_ftc, weight_ftc, images_ft, weights_ft, rotations, *, pad
     if is_gpu_array(data_ftc):
         _insert_cuda(data_ftc, weight_ftc, images_ft, weights_ft, rotations, pad, r_padded, nn, r_min_nn)
     else:
-        _insert_numpy(data_ftc, weight_ftc, images_ft, weights_ft, rotations, pad, r_padded, nn, r_min_nn)
+        # in chunks of images: the host path's temporaries (positions, 8 corners, weights) are ~100
+        # bytes a pixel, so a whole E-step batch of (particle, orientation) pairs would take GBs
+        m, n, nh = images_ft.shape
+        step = max(1, HOST_CHUNK_PIXELS // (n * nh))
+        for start in range(0, m, step):
+            part = slice(start, start + step)
+            _insert_numpy(data_ftc, weight_ftc, images_ft[part], weights_ft[part], np.asarray(rotations)[part],
+                          pad, r_padded, nn, r_min_nn)
 
 
 def _insert_numpy(data, weight, images_ft, weights_ft, rotations, pad, r_padded, nn, r_min_nn):

@@ -2,11 +2,12 @@
 
 Per iteration and half set: each image recentred on its rounded offset (and, with `zero_mask`,
 masked to the particle diameter for the likelihoods), the projector of the half's map at the
-current r_max, the first pass over the (symmetry-free) HEALPix grid on RELION's coarse image size,
+current r_max, the first pass over the HEALPix grid (the point group's asymmetric unit of
+directions) on RELION's coarse image size,
 the oversampled second pass on the significant points at the current size (or, from
 `auto_local_order` on, a local search within 3 sigma of each pose), the posterior-weighted
 back-projection of the unmasked images with 1/sigma2 weights, and the noise and offset updates.
-Then the low-resolution join of the halves' sums, their FSC, tau2 from it and each half's MAP
+Then the halves' sums symmetrised (point group), their low-resolution join, their FSC, tau2 from it and each half's MAP
 reconstruction (`reconstruct_map`, with iterative gridding unless `skip_gridding`), solvent
 flattening, r* (FSC 0.5), incr_size and the no-gain counter.
 
@@ -16,8 +17,8 @@ is below 0.75 acc_rot (`auto_refine`). `final=True` runs RELION's last iteration
 
 The sampling grids are perturbed each iteration as RELION's (`perturb`, spec 3.7).
 
-Not done: the learned direction prior of global searches,
-norm and scale corrections, symmetry in the search. `omlrelion refine` (`cli/refine.py`) writes
+Not done: the learned direction prior of global searches, norm and scale corrections.
+`omlrelion refine` (`cli/refine.py`) writes
 RELION's file names.
 """
 
@@ -33,7 +34,8 @@ from omlrelion.ctf.ctf import CtfParams, ctf_2d
 from omlrelion.ctf.optics import Optics
 from omlrelion.fourier.layout import irfft2_centred, rfft2_centred, shift_2d
 from omlrelion.fourier.projector import extract_slices, volume_to_ftc
-from omlrelion.fourier.symmetrise import hermitian_repair
+from omlrelion.fourier.symmetrise import hermitian_repair, symmetrise
+from omlrelion.geometry.symmetry import point_group_matrices
 from omlrelion.geometry.euler import euler_to_matrix
 from omlrelion.geometry.grids import PaddedGrid, signed_freqs
 from omlrelion.reconstruct.fsc import (
@@ -82,6 +84,7 @@ class RefineOptions:
     low_resol_join_A: float | None = None   # average the halves' sums below this resolution (A)
     perturb: float = 0.5             # RELION's random perturbation of the sampling grids (0: none)
     random_seed: int = 0             # seeds the perturbation (and nothing else)
+    symmetry: str = "C1"             # point group: directions of its asymmetric unit, symmetrised sums
 
 
 @dataclass
@@ -281,6 +284,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             incr_size=opts.incr_size)
     sch = state.schedule
     ov = max(opts.oversampling, 0)
+    sym_matrices = point_group_matrices(opts.symmetry)
     with device.use():
         mask = None if mask_h is None else xp.asarray(mask_h, dtype=real)
     for _ in range(opts.n_iter):
@@ -300,7 +304,8 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             state.perturb += rng.uniform(0.5 * f, f)
             if state.perturb > f:
                 state.perturb -= 2 * f
-        sampling = Sampling(sch.order, sch.offset_range_px, sch.offset_step_px, perturb=state.perturb)
+        sampling = Sampling(sch.order, sch.offset_range_px, sch.offset_step_px, symmetry=opts.symmetry,
+                            perturb=state.perturb)
         eulers, shifts = sampling.eulers(), sampling.shifts
         sigma_local = 2 * angular_step(sch.order + ov)
         rotations = None if sch.local else euler_to_matrix(eulers)
@@ -376,11 +381,14 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                     state.shifts_px[sel] += centre
                     batch_stats.extend(found[4])
                 hermitian_repair(data, weight)
+                if len(sym_matrices) > 1:
+                    data, weight = symmetrise(data, weight, sym_matrices, grid.r_padded)
                 sums.append([data, weight])
             stats.append(batch_stats)
         if bar is not None:
             bar.close()
         angle_change, offset_change = hidden_variable_changes(old_eulers, state.eulers, old_shifts, state.shifts_px,
+                                                              symmetry=sym_matrices,
                                                               angpix=apix)
         state.offset_change_A = offset_change
         if opts.low_resol_join_A:

@@ -10,10 +10,10 @@ Perturbation (RELION's `--perturb`, spec 3.7): with `Sampling.perturb` = rho eve
 orientation (coarse and fine) is turned by Euler angles (a, a, a), a = rho x the coarse step, and
 every trial shift moved by rho x the coarse offset step on x and y.
 
-Symmetry: for Cn and Dn the directions are reduced to RELION's asymmetric unit (-180/n <= rot <=
-180/n; Dn also tilt <= 90). RELION's seam clean-up (directions closer than half a pixel radius to
-a symmetry mate of a kept one) is not applied, so a few seam directions may stay that RELION
-drops. Other point groups are refused with a message naming them.
+Symmetry: the directions are reduced to RELION's asymmetric unit of the point group (its
+hard-coded inequalities for Cn, Dn, T, O and the icosahedral settings I1-I4), then, while fewer
+than 4000 remain, cleaned of directions within half a pixel radius of a symmetry mate of a kept
+one (spec 6.2). Improper groups (mirrors, inversion) are refused with a message naming them.
 """
 
 from __future__ import annotations
@@ -116,19 +116,99 @@ def psi_angles(order: int) -> np.ndarray:
     return np.arange(n_psi) * (360.0 / n_psi)
 
 
-def asymmetric_unit(directions: np.ndarray, symmetry: str) -> np.ndarray:
-    """Boolean mask of the (rot, tilt) directions in RELION's asymmetric unit of C1, Cn or Dn."""
+def max_pixrad(nside: int) -> float:
+    """HEALPix's largest angle (radians) between a pixel centre and its corners at `nside`."""
+    def unit(z, phi):
+        r = np.sqrt(1 - z * z)
+        return np.array([r * np.cos(phi), r * np.sin(phi), z])
+
+    va = unit(2.0 / 3.0, np.pi / (4 * nside))
+    vb = unit(1 - (1 - 1.0 / nside) ** 2 / 3, 0.0)
+    return float(np.arctan2(np.linalg.norm(np.cross(va, vb)), va @ vb))
+
+
+def _tilt_about_y(theta_deg: float) -> np.ndarray:
+    """RELION's Euler matrix of (0, theta, 0), which turns the icosahedral reference planes."""
+    c, s = np.cos(np.radians(theta_deg)), np.sin(np.radians(theta_deg))
+    return np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
+
+
+_I_P = np.array([0.0, 1.0, 0.0])
+_I_Q = np.array([-0.4999999839058737, -0.8090170074556163, 0.3090169861701543])
+_I_Z = np.array([0.0, 0.0, 1.0])
+_I_U = np.array([0.187592467856686, -0.303530987314591, -0.491123477863004])
+_I3_ANGLE = 31.7174745559
+
+
+def _planes(units: np.ndarray, normals, sign: float = 1.0) -> np.ndarray:
+    """Directions on the non-negative side (sign +1) or non-positive side (-1) of every plane."""
+    keep = np.ones(len(units), bool)
+    for n in normals:
+        n = np.asarray(n, dtype=np.float64)
+        keep &= sign * (units @ (n / np.linalg.norm(n))) >= 0
+    return keep
+
+
+def _geometric_unit(rot: np.ndarray, tilt: np.ndarray, units: np.ndarray, sym: str) -> np.ndarray:
+    """RELION's hard-coded asymmetric unit of a proper point group (healpix_sampling.cpp's
+    geometric filter; non-strict inequalities, rot in (-180, 180], tilt in [0, 180])."""
+    kind, digits = sym[:1], sym[1:]
+    if kind == "C" and digits.isdigit():
+        n = int(digits)
+        return (rot >= -180.0 / n) & (rot <= 180.0 / n)
+    if kind == "D" and digits.isdigit():
+        n = int(digits)
+        if n == 1:
+            return tilt <= 90.0
+        return (rot >= 90.0 - 180.0 / n) & (rot <= 90.0 + 180.0 / n) & (tilt <= 90.0)
+    if sym == "T":
+        return (((rot >= 90.0) & (rot <= 150.0)) | (rot == 0)) & _planes(
+            units, [(-1.0, 0.0, 0.0), (0.471405, 0.272165, 0.7698), (0.471404, 0.816497, 0.0)])
+    if sym == "O":
+        return (((rot >= 45.0) & (rot <= 135.0) & (tilt <= 90.0)) | (rot == 0)) & _planes(
+            units, [(0.0, -1.0, 1.0), (1.0, 1.0, 0.0), (-1.0, 1.0, 0.0)])
+    q_mirror = _I_Q * np.array([-1.0, 1.0, 1.0])
+    if sym in ("I", "I2"):
+        return _planes(units, [_I_P, _I_Q, q_mirror])
+    if sym in ("I1", "I3"):
+        a = _tilt_about_y(90.0 if sym == "I1" else _I3_ANGLE)
+        return _planes(units, [a @ _I_P, a @ _I_Q, a @ q_mirror])
+    if sym == "I4":
+        a = _tilt_about_y(-_I3_ANGLE)
+        return _planes(units, [a @ _I_Z, a @ _I_U, a @ (_I_U * np.array([1.0, -1.0, 1.0]))], sign=-1.0)
+    raise InputError(f"symmetry {sym!r}: the orientation search handles the proper point groups (Cn, Dn, T, O, "
+                     "I, I1-I4); refine with one of them (e.g. the rotational part of the group)")
+
+
+def asymmetric_unit(directions: np.ndarray, symmetry: str, order: int | None = None) -> np.ndarray:
+    """Boolean mask of the (rot, tilt) directions RELION keeps for a point group (spec 6.2).
+
+    The group's hard-coded asymmetric unit; then, when fewer than 4000 directions are left and the
+    HEALPix `order` of the directions is given, RELION's seam clean-up: in order, a direction is
+    dropped when it lies within half a pixel radius (`max_pixrad`) of a symmetry mate of a
+    direction already kept.
+    """
     sym = symmetry.strip().upper()
     rot, tilt = directions[:, 0], directions[:, 1]
     if sym == "C1":
         return np.ones(len(directions), bool)
-    kind, digits = sym[:1], sym[1:]
-    if kind in ("C", "D") and digits.isdigit() and int(digits) >= 1:
-        n = int(digits)
-        keep = (rot >= -180.0 / n) & (rot <= 180.0 / n)
-        return keep & (tilt <= 90.0) if kind == "D" else keep
-    raise InputError(f"symmetry {symmetry!r}: orientation sampling handles C1, Cn and Dn so far; "
-                     "refine with a C or D group, or relax the symmetry to C1")
+    units = _unit_vectors(rot, tilt)
+    keep = _geometric_unit(rot, tilt, units, sym)
+    kept = np.flatnonzero(keep)
+    if order is None or len(kept) >= 4000:
+        return keep
+    from omlrelion.geometry.symmetry import point_group_matrices
+
+    operators = np.asarray(point_group_matrices(sym), dtype=np.float64)
+    limit = np.cos(0.5 * max_pixrad(2 ** int(order)))
+    chosen: list[int] = []
+    for i in kept:
+        mates = operators.transpose(0, 2, 1) @ units[i]               # d_i . (M d_k) = (M^T d_i) . d_k
+        if chosen and np.any(mates @ units[chosen].T > limit):
+            keep[i] = False
+        else:
+            chosen.append(int(i))
+    return keep
 
 
 def translations(range_px: float, step_px: float) -> np.ndarray:
@@ -155,7 +235,7 @@ class Sampling:
     # the tables are made once per Sampling (a local search reads them for every particle), read-only
     @cached_property
     def _kept(self) -> np.ndarray:
-        return asymmetric_unit(healpix_directions(self.order), self.symmetry)
+        return asymmetric_unit(healpix_directions(self.order), self.symmetry, order=self.order)
 
     @cached_property
     def directions(self) -> np.ndarray:
@@ -170,6 +250,13 @@ class Sampling:
     def direction_units(self) -> np.ndarray:
         """(n_dir, 3) unit vectors of the kept directions."""
         return _unit_vectors(self.directions[:, 0], self.directions[:, 1])
+
+    @cached_property
+    def symmetry_matrices(self) -> np.ndarray:
+        """The point group's operators, identity first."""
+        from omlrelion.geometry.symmetry import point_group_matrices
+
+        return _frozen(np.array(point_group_matrices(self.symmetry), dtype=np.float64))
 
     @cached_property
     def psi(self) -> np.ndarray:
@@ -223,11 +310,17 @@ def local_orientations(sampling: Sampling, prior_euler, sigma_deg: float):
 def local_orientations_batch(sampling: Sampling, prior_eulers, sigma_deg: float):
     """`local_orientations` of several particles (B, 3) at once: the union of their orientations
     (U,) indices into `sampling.eulers()`, and each particle's log prior over it (B, U), -inf where
-    an orientation is not in its own set."""
+    an orientation is not in its own set. With a point group, the direction term takes the angle
+    between the prior's direction and the closest symmetry mate of each sampled direction; the psi
+    term is not changed (RELION's rule)."""
     prior_eulers = np.asarray(prior_eulers, dtype=np.float64)
     psi = sampling.psi
     p_units = _unit_vectors(prior_eulers[:, 0], prior_eulers[:, 1])                      # (B, 3)
-    angle = np.degrees(np.arccos(np.clip(p_units @ sampling.direction_units.T, -1, 1)))    # (B, D)
+    # each sampled direction, or its symmetry mate closest to the prior (the group maps directions
+    # onto directions as its operators' transposes do, and is closed under transposition)
+    mates = np.einsum("sij,bj->sbi", sampling.symmetry_matrices, p_units)                   # (S, B, 3)
+    cos = np.max(mates @ sampling.direction_units.T, axis=0)                               # (B, D)
+    angle = np.degrees(np.arccos(np.clip(cos, -1, 1)))
     dpsi = np.abs((psi[None, :] - prior_eulers[:, 2, None] + 180.0) % 360.0 - 180.0)       # (B, P)
     limit, inv2 = 3 * sigma_deg, 1.0 / (2 * sigma_deg**2)
     sets = []
@@ -282,6 +375,6 @@ def oversampled_directions(order: int, ipix, ov: int = 1) -> np.ndarray:
     return np.stack([np.where(rot > 180, rot - 360, rot), np.degrees(theta)], axis=-1)
 
 
-__all__ = ["Sampling", "angular_step", "asymmetric_unit", "healpix_directions", "oversampled_directions",
+__all__ = ["Sampling", "angular_step", "asymmetric_unit", "healpix_directions", "max_pixrad", "oversampled_directions",
            "local_orientations", "local_orientations_batch", "oversampled_orientations", "oversampled_shifts",
            "pix2ang_nest", "pix2ang_ring", "psi_angles", "translations"]

@@ -65,12 +65,21 @@ def _first_past(values: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return steps[first]
 
 
-def hidden_variable_changes(old_eulers, new_eulers, old_shifts_px, new_shifts_px, *, angpix: float):
+def hidden_variable_changes(old_eulers, new_eulers, old_shifts_px, new_shifts_px, *, angpix: float,
+                            symmetry=None):
     """(mean angle in degrees between corresponding rows of the old and new rotation matrices, averaged
-    over the three axes and the particles; RMS per-axis offset change sqrt(sum |do|^2 / 2n) in A)."""
+    over the three axes and the particles; RMS per-axis offset change sqrt(sum |do|^2 / 2n) in A).
+
+    symmetry : the point group's matrices (identity first); each particle's new pose is then compared
+    in the symmetry-equivalent form A R closest to its old one (the same projections).
+    """
     a, b = euler_to_matrix(np.asarray(old_eulers)), euler_to_matrix(np.asarray(new_eulers))
-    cos = np.clip(np.einsum("nij,nij->ni", a, b), -1.0, 1.0)
-    angle = float(np.degrees(np.arccos(cos)).mean()) if len(cos) else 0.0
+    mates = np.eye(3)[None] if symmetry is None else np.asarray(symmetry, dtype=np.float64)
+    per_mate = []
+    for r in mates:
+        cos = np.clip(np.einsum("nij,nij->ni", a, b @ r), -1.0, 1.0)
+        per_mate.append(np.degrees(np.arccos(cos)).mean(axis=1))
+    angle = float(np.min(per_mate, axis=0).mean()) if len(a) else 0.0
     d = (np.asarray(new_shifts_px) - np.asarray(old_shifts_px)) * angpix
     offset = float(np.sqrt((d**2).sum() / (2 * max(len(d), 1))))
     return angle, offset

@@ -73,14 +73,17 @@ def test_translations_disc_counts():
 def test_cyclic_and_dihedral_asymmetric_units():
     d = healpix_directions(3)
     c4 = asymmetric_unit(d, "C4")
-    # a quarter, plus the directions on both seams rot = +-45 (RELION's seam clean-up is not applied)
+    # without the order, the geometric unit alone: a quarter plus the directions on both seams rot = +-45
     seam = np.isclose(np.abs(d[:, 0]), 45.0)
     assert c4.sum() == len(d) // 4 + seam.sum() // 2
+    # the seam clean-up keeps one direction of each pair of symmetry mates on the seams
+    assert asymmetric_unit(d, "C4", order=3).sum() == len(d) // 4
     d2 = asymmetric_unit(d, "d2")
-    assert np.all(d[d2, 1] <= 90) and 0.25 <= d2.sum() / len(d) < 0.3
+    assert np.all(d[d2, 1] <= 90) and np.all((d[d2, 0] >= 0) & (d[d2, 0] <= 180))
+    assert 0.25 <= d2.sum() / len(d) < 0.3
     assert asymmetric_unit(d, "C1").all()
-    with pytest.raises(InputError, match="C1, Cn and Dn"):
-        asymmetric_unit(d, "T")
+    with pytest.raises(InputError, match="proper point groups"):
+        asymmetric_unit(d, "C2v")
 
 
 def test_oversampled_orientations_and_shifts_follow_relion():
