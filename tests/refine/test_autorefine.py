@@ -22,9 +22,10 @@ def _random_rotations(rng, m):
                      np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], 1)
 
 
-def _simulated(rng, m, *, snr: float, n: int = 32, angpix: float = 5.0):
-    """m particles of the phantom at random poses and shifts (+-1.5 px), CTF 1-3 um, noise at `snr`."""
-    truth = phantom_volume(n, angpix, seed=5).astype(np.float64)
+def _simulated(rng, m, *, snr: float, n: int = 32, angpix: float = 5.0, truth=None):
+    """m particles of the phantom (or of `truth`) at random poses and shifts (+-1.5 px), CTF 1-3 um,
+    noise at `snr`."""
+    truth = phantom_volume(n, angpix, seed=5).astype(np.float64) if truth is None else truth
     rotations = _random_rotations(rng, m)
     shifts = rng.uniform(-1.5, 1.5, size=(m, 2))
     optics = Optics(angpix=angpix, voltage_kv=300, cs_mm=2.7, amp_contrast=0.1, box_size=n)

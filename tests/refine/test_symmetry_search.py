@@ -14,9 +14,7 @@ from omlrelion.pipeline.phantom import phantom_volume
 from omlrelion.refine.autorefine import RefineOptions, refine
 from omlrelion.refine.sampling import Sampling, local_orientations_batch
 from omlrelion.refine.schedule import hidden_variable_changes
-
-from tests.refine.test_autorefine import _random_rotations
-
+from tests.refine.test_autorefine import _simulated
 
 REFERENCE = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "sampling_directions.tsv", sep="\t")
 
@@ -106,20 +104,9 @@ def test_c4_refinement_finds_poses_up_to_symmetry_and_a_symmetric_map(rng, on_gp
     symmetry mate about as well as the grid allows (the nearest grid orientation of a random pose is
     7.4 degrees off in the median), keeps every direction in the asymmetric unit, and both half maps
     come out 4-fold symmetric."""
-    from omlrelion.ctf.ctf import CtfParams
-    from omlrelion.ctf.optics import Optics
-    from omlrelion.pipeline.simulate import project_images
-
     n, angpix, m = 32, 5.0, 200
-    truth = _c4_phantom(n, angpix)
-    rotations = _random_rotations(rng, m)
-    shifts = rng.uniform(-1.0, 1.0, size=(m, 2))
-    optics = Optics(angpix=angpix, voltage_kv=300, cs_mm=2.7, amp_contrast=0.1, box_size=n)
-    defocus = rng.uniform(10000, 30000, m)
-    ctf = CtfParams(defocus, defocus, np.zeros(m), np.zeros(m), np.zeros(m), np.ones(m))
-    clean = project_images(volume_to_ftc(truth, pad=2.0), rotations, shifts, optics, ctf, pad=2.0, r_padded=n)
-    images = clean + rng.normal(scale=clean.std() / np.sqrt(2.0), size=clean.shape)
-    halves = np.where(np.arange(m) % 2 == 0, 1, 2)
+    truth, rotations, _, optics, ctf, images, halves = _simulated(rng, m, snr=2.0, n=n, angpix=angpix,
+                                                                  truth=_c4_phantom(n, angpix))
     opts = RefineOptions(healpix_order=2, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, incr_size=3,
                          n_iter=1, batch=100, schedule=False, symmetry="C4", perturb=0.0)
     from omlrelion.backend import Device
