@@ -36,7 +36,6 @@ from omlrelion.errors import InputError
 from omlrelion.geometry.grids import PaddedGrid, fft_friendly_size
 from omlrelion.reconstruct.calibration import (
     _random_sums,
-    _run_plan,
     _sync,
     fft_pair_seconds,
     fft_work_bytes,
@@ -63,6 +62,7 @@ from omlrelion.reconstruct.plan import (
     Plan,
     free_memory,
     largest_prime_factor,
+    run_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,12 @@ def measure_plan(plan: Plan, grid: PaddedGrid, devices: list[Device], *, n_iter:
         for _ in range(max(int(repeats), 1)):
             _sync(used)
             t0 = clock()
-            _run_plan(plan, grid, used, data, weight, k)
+            run_plan(plan, grid, used, {"data": data, "weight": weight}, n_iter=k)
             _sync(used)
             best = min(best, clock() - t0)
         return best
 
-    _run_plan(plan, grid, used, data, weight, min(n_iter, 1))
+    run_plan(plan, grid, used, {"data": data, "weight": weight}, n_iter=min(n_iter, 1))
     if n_iter <= 0:
         return timed(0)
     t1, t3 = timed(1), timed(3)
@@ -320,10 +320,8 @@ def choose_plan(grid: PaddedGrid, devices: list[Device], *, free_bytes: int | No
         need = small["memory_total_bytes"] if shared_host else small["memory_per_device_bytes"]
         where = "on the host (shared by the simulated devices)" if shared_host else "per device"
         have = free[0] if shared_host else min(small["free_bytes"])
-        raise InputError(f"no reconstruction plan fits in memory for box {grid.box_size}, pad {grid.pad:g}, "
-                         f"r_max {grid.r_max}: the smallest, {small['description']}, needs {need} bytes "
-                         f"({_gb(need)}) {where}, {have} bytes ({_gb(have)}) are free; use more devices, "
-                         "a coarser --maxres or a smaller --pad")
+        raise _no_plan_fits(grid, f"the smallest, {small['description']}, needs {need} bytes ({_gb(need)}) "
+                                  f"{where}, {have} bytes ({_gb(have)}) are free")
     if measure > 0:
         run = timer or functools.partial(measure_plan, grid=grid, devices=devices, n_iter=n_iter, real_dtype=real)
         for row in fitting[:int(measure)]:
@@ -418,9 +416,13 @@ def fallback_plan(grid: PaddedGrid, devices: list[Device], failed: list[Plan], *
     if rows:
         need, have, plan = min(rows, key=lambda row: row[0])
         detail = f"; the smallest, {plan.describe()}, needs {need} bytes ({_gb(need)}), {have} bytes ({_gb(have)}) are free"
-    raise InputError(f"no reconstruction plan fits in memory for box {grid.box_size}, pad {grid.pad:g}, "
-                     f"r_max {grid.r_max}: {failed[-1].describe()} ran out of memory ({reason}){detail}; "
-                     "use more devices, a coarser --maxres or a smaller --pad")
+    raise _no_plan_fits(grid, f"{failed[-1].describe()} ran out of memory ({reason}){detail}")
+
+
+def _no_plan_fits(grid: PaddedGrid, why: str) -> InputError:
+    """The one-line error of a sums-to-map step that no plan can run, `why` saying what was found."""
+    return InputError(f"no reconstruction plan fits in memory for box {grid.box_size}, pad {grid.pad:g}, "
+                      f"r_max {grid.r_max}: {why}; use more devices, a coarser --maxres or a smaller --pad")
 
 __all__ = [
     "CACHE_ENV",

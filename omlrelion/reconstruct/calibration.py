@@ -366,7 +366,7 @@ def _measure_memory_factor(device: Device, real, box_size: int = 256) -> tuple[d
             pool.free_all_blocks()
             base = pool.total_bytes()
             data, weight = _random_sums(grid, device, real, seed=0)
-            _run_plan(plan, grid, [device], data, weight, 2)
+            run_plan(plan, grid, [device], {"data": data, "weight": weight}, n_iter=2)
             device.synchronize()
             del data, weight
             peak = pool.total_bytes() - base
@@ -423,7 +423,3 @@ def _random_sums(grid: PaddedGrid, device: Device, real, seed: int = 0):
         weight += real.type(0.1)
         data = weight.astype(np.result_type(real, np.complex64))
     return data, weight
-
-
-def _run_plan(plan: Plan, grid: PaddedGrid, devices: list[Device], data, weight, n_iter: int):
-    return run_plan(plan, grid, devices, {"data": data, "weight": weight}, n_iter=n_iter)

@@ -129,8 +129,9 @@ def max_pixrad(nside: int) -> float:
 
 def _tilt_about_y(theta_deg: float) -> np.ndarray:
     """RELION's Euler matrix of (0, theta, 0), which turns the icosahedral reference planes."""
-    c, s = np.cos(np.radians(theta_deg)), np.sin(np.radians(theta_deg))
-    return np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
+    from omlrelion.geometry.euler import euler_to_matrix
+
+    return euler_to_matrix(np.array([[0.0, theta_deg, 0.0]]))[0]
 
 
 _I_P = np.array([0.0, 1.0, 0.0])

@@ -126,6 +126,19 @@ FINAL_OUTPUTS = ("final/run_class001.mrc", "final/run_half1_class001_unfil.mrc",
                  "it002/poses_half1_shard2.h5", "it001/half1.h5", "summary.json")
 
 
+def flip_byte_in_chunk(path, dataset: str) -> None:
+    """Flip one bit in the middle of the first stored (compressed) chunk of `dataset`."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        byte = f.read(1)
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
 def assert_same_outputs(reference: dict, other: dict) -> None:
     """The two runs' outputs (run_outputs) are the same files with the same contents."""
     assert sorted(other) == sorted(reference), set(other) ^ set(reference)

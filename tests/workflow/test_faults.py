@@ -25,7 +25,15 @@ from omlrelion.io import h5
 from omlrelion.pipeline import workflow as wf
 from omlrelion.pipeline.logs import FAULT_ENV
 
-from .conftest import SNAKEFILE, TEST_CONFIG, assert_same_outputs, job_counts, run_outputs, snakemake
+from .conftest import (
+    SNAKEFILE,
+    TEST_CONFIG,
+    assert_same_outputs,
+    flip_byte_in_chunk,
+    job_counts,
+    run_outputs,
+    snakemake,
+)
 
 RUN = Path("results/tiny/default")
 # one job per rule kind; the job pauses once its outputs are written, before Snakemake hears of it
@@ -92,18 +100,6 @@ def test_same_config_and_seed_give_identical_outputs(reference, tmp_path):
     assert_same_outputs(reference, run_outputs(tmp_path))
 
 
-def _flip_byte_in_chunk(path: Path, dataset: str) -> None:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        info = f[dataset].id.get_chunk_info(0)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset + info.size // 2)
-        byte = f.read(1)
-        f.seek(info.byte_offset + info.size // 2)
-        f.write(bytes([byte[0] ^ 0x10]))
-
-
 def test_corrupt_intermediate_is_recomputed(tiny_run, reference, tmp_path):
     """One flipped byte inside a compressed chunk of a merged sums file, its mtime put back (so that
     Snakemake alone would trust it): the next start names it with its checksum failure and marks it
@@ -113,7 +109,7 @@ def test_corrupt_intermediate_is_recomputed(tiny_run, reference, tmp_path):
     shutil.copytree(tiny_run[0], work, symlinks=True)
     target = RUN / "it002/sums_half1.h5"
     stat = (work / target).stat()
-    _flip_byte_in_chunk(work / target, "weight")
+    flip_byte_in_chunk(work / target, "weight")
     os.utime(work / target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert "checksum" in h5.verify_file(work / target)
 
@@ -141,7 +137,7 @@ def test_verify_stores_finds_corrupt_files_and_skips_unchanged_ones(tmp_path, mo
     cache = tmp_path / "state/verified.json"
     assert wf.verify_stores([good, flipped, truncated], cache) == {}
     stat = flipped.stat()
-    _flip_byte_in_chunk(flipped, "volume")
+    flip_byte_in_chunk(flipped, "volume")
     os.utime(flipped, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: the ctime differs
     truncated.write_bytes(truncated.read_bytes()[:1000])
     read = []

@@ -9,6 +9,8 @@ from omlrelion.ctf.optics import Optics
 from omlrelion.errors import InputError
 from omlrelion.io import h5
 
+from .conftest import flip_byte_in_chunk
+
 CODECS = [h5.Compression("zstd", 5, "byte"), h5.Compression("zstd", 3, "bit"),
           h5.Compression("blosc2", 5, "byte"), h5.Compression("blosc2", 5, "bit"), h5.Compression("none", 1, "byte")]
 OPTICS = [Optics(angpix=1.5, voltage_kv=300, cs_mm=2.7, amp_contrast=0.1, box_size=16, name="g1"),
@@ -74,24 +76,12 @@ def test_volume_and_table_round_trip(tmp_path, rng):
     assert all(cols[k].tobytes() == table[k].tobytes() for k in table)
 
 
-def _flip_byte_in_chunk(path, dataset: str) -> None:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        info = f[dataset].id.get_chunk_info(0)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset + info.size // 2)
-        byte = f.read(1)
-        f.seek(info.byte_offset + info.size // 2)
-        f.write(bytes([byte[0] ^ 0x10]))
-
-
 @pytest.mark.parametrize("compression", CODECS, ids=lambda c: f"{c.codec}-{c.shuffle}")
 def test_corrupted_chunk_is_detected(tmp_path, rng, compression):
     data, weight = sums_like(rng)
     path = tmp_path / "sums.h5"
     h5.write_sums(path, data, weight, attrs=ATTRS, compression=compression)
-    _flip_byte_in_chunk(path, "weight")
+    flip_byte_in_chunk(path, "weight")
     with pytest.raises(InputError, match=r"sums\.h5.*(checksum|corrupt|cannot read)"):
         h5.read_sums(path)
 
