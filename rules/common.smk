@@ -114,7 +114,7 @@ def report_retries(logs):
     retried = []
     for path in [logs] if isinstance(logs, str) else logs:
         try:
-            retried += wf.retried_jobs(Path(path).read_text())
+            retried += wf.retried_jobs(Path(path).read_text(errors="replace"))
         except OSError:
             pass
     if retried:

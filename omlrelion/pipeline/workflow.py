@@ -993,15 +993,27 @@ def release_stale_locks(snakemake_dir=".snakemake", results="results") -> list[s
 
 def retried_jobs(snakemake_log: str) -> list[str]:
     """The failed attempts that Snakemake retried (profile `retries`), read from the text of its log:
-    one "rule (job log)" per failed attempt, in order."""
-    out, rule, job_log = [], None, None
+    one "rule (job log)" per "Trying to restart job N." line, N matched to the "Error in rule" block
+    of job N wherever it stands (executors report failures and restarts in either order)."""
+    errors, restarts, block = {}, [], None
     for line in snakemake_log.splitlines():
         text = line.strip()
         if text.startswith("Error in rule "):
-            rule, job_log = text.removeprefix("Error in rule ").rstrip(":"), None
-        elif rule and text.startswith("log: "):
-            job_log = text.removeprefix("log: ").split(" (")[0]
-        elif rule and text.startswith("Trying to restart job "):
-            out.append(f"{rule} ({job_log})" if job_log else rule)
-            rule = None
+            block = {"rule": text.removeprefix("Error in rule ").rstrip(":"), "log": None}
+        elif block is not None and text.startswith("jobid: "):
+            errors[text.removeprefix("jobid: ")] = block
+        elif block is not None and text.startswith("log: "):
+            block["log"] = text.removeprefix("log: ").split(" (")[0]
+        elif text.startswith("Trying to restart job "):
+            restarts.append(text.removeprefix("Trying to restart job ").rstrip("."))
+            block = None
+        elif not line.startswith((" ", "\t")):
+            block = None
+    out = []
+    for jobid in restarts:
+        err = errors.get(jobid)
+        if err is None:
+            out.append(f"job {jobid}")
+        else:
+            out.append(f"{err['rule']} ({err['log']})" if err["log"] else err["rule"])
     return out

@@ -182,15 +182,23 @@ def test_stale_locks_are_released_only_when_no_run_is_alive(tmp_path):
 
 
 def test_retried_jobs_are_read_from_the_snakemake_log():
+    """Each "Trying to restart job N." is matched to job N's error block, before or after it."""
     log = """Error in rule merge:
     message: None
     jobid: 4
     log: results/tiny/default/logs/it001/merge_half1.log (check log file(s) for error details)
+[Sun Nov 29 05:34:43 2026]
+Finished jobid: 5 (Rule: expectation)
 Trying to restart job 4.
+Trying to restart job 7.
+[Sun Nov 29 05:34:44 2026]
 Error in rule expectation:
     jobid: 7
-Trying to restart job 7.
+    output: results/tiny/default/it001/sums_half2_shard1.h5
 Error in rule postprocess:
     jobid: 9
+    log: results/tiny/default/logs/postprocess.log (check log file(s) for error details)
+Trying to restart job 12.
 """
-    assert wf.retried_jobs(log) == ["merge (results/tiny/default/logs/it001/merge_half1.log)", "expectation"]
+    assert wf.retried_jobs(log) == ["merge (results/tiny/default/logs/it001/merge_half1.log)", "expectation",
+                                    "job 12"]

@@ -89,5 +89,9 @@ def test_failed_slurm_job_is_retried_and_reported(tiny_run, tmp_path):
     assert [rule for _, rule in failed] == ["expectation"], failed
     assert f"_job_complete: JobId={failed[0][0]} WEXITSTATUS 0" not in controller
     assert "Trying to restart job" in out
-    assert f"omlrelion: 1 failed job attempt(s) retried: expectation ({job_log}" in out
+    report = [line for line in out.splitlines() if "omlrelion:" in line or "restart" in line or "Error in rule" in line]
+    line = re.search(r"omlrelion: (\d+) failed job attempt\(s\) retried: (.*)", out)
+    assert line, report
+    assert int(line[1]) == out.count("Trying to restart job"), report   # one entry per restart
+    assert f"expectation ({job_log}" in line[2], report
     assert_same_outputs(run_outputs(tiny_run[0]), run_outputs(tmp_path))
