@@ -19,6 +19,7 @@ DATA = join(RESULTS, "{dataset}")
 RUN = join(DATA, "{pset}")
 IT = join(RUN, "it{it}")
 FINAL = join(RUN, "final")
+START = join(RUN, "start")
 POST = join(RUN, "postprocess")
 STORE = join(DATA, "preprocess", "particles.h5")
 SIMULATED = join(DATA, "input", "particles.star")
@@ -71,11 +72,24 @@ def check_inputs():
                 raise InputError(f"config key 'reconstruct.symmetry' (parameter set {pset}): {exc}") from None
         ctf = any(run_config(p)["refine"]["ctf"] for p in config["parameter_sets"])
         for name, ds in config["datasets"].items():
+            if "reference" in ds:
+                for pset in config["parameter_sets"]:
+                    if not pose_search(pset):
+                        raise InputError(f"config key 'datasets.{name}.reference': a reference map needs a pose "
+                                         f"search; set refine.pose_search_order (parameter set {pset})")
+
+            reference = ds.get("reference") if workflow.is_main_process else None
             if "simulate" in ds:
-                wf.check_box(pre["box_size"], ds["simulate"]["box_size"], f"dataset {name}")
-                wf.check_shards(pre["n_shards"], ds["simulate"]["n_particles"], f"dataset {name}")
+                sim = ds["simulate"]
+                wf.check_box(pre["box_size"], sim["box_size"], f"dataset {name}")
+                wf.check_shards(pre["n_shards"], sim["n_particles"], f"dataset {name}")
+                if reference is not None:
+                    box = pre["box_size"] or sim["box_size"]
+                    wf.check_reference(reference, box_size=box, angpix=sim["angpix"] * sim["box_size"] / box,
+                                       what=f"dataset {name}")
             elif workflow.is_main_process:  # jobs re-read the Snakefile; the main process checked
-                wf.check_particles(ds["star"], n_shards=pre["n_shards"], ctf=ctf, box_size=pre["box_size"])
+                wf.check_particles(ds["star"], n_shards=pre["n_shards"], ctf=ctf, box_size=pre["box_size"],
+                                   reference=reference)
     except InputError as exc:
         raise WorkflowError(str(exc)) from None
 
@@ -95,6 +109,7 @@ def prepare_restart():
         for dataset in config["datasets"]:
             stores += Path(DATA.format(dataset=dataset), "preprocess").glob("*.h5")
             for pset in config["parameter_sets"]:
+                stores += Path(START.format(dataset=dataset, pset=pset)).glob("*.h5")
                 refine = run_config(pset)["refine"]
                 last = refine["max_iterations"] if refine["until_converged"] else refine["iterations"]
                 for i in range(1, last + 1):
@@ -177,16 +192,45 @@ def preprocess_opts(wc):
     return {**config["preprocess"], "compression": config["store"]}
 
 
+SEARCH_KEYS = ("pose_search_order", "offset_range_px", "offset_step_px", "auto_local_order", "max_healpix_order",
+               "sampling_schedule", "oversampling", "particle_diameter_A", "sigma_offset_A", "zero_mask", "perturb",
+               "seed")
+
+
+def pose_search(pset):
+    return run_config(pset)["refine"]["pose_search_order"] is not None
+
+
+def search_opts(rc):
+    """With a pose search: its options and the point group (the asymmetric unit it covers)."""
+    if rc["refine"]["pose_search_order"] is None:
+        return {}
+    return {"search": {k: rc["refine"][k] for k in SEARCH_KEYS}, "symmetry": rc["reconstruct"]["symmetry"]}
+
+
 @sorted_params
 def expectation_opts(wc):
     rc = run_config(wc.pset)
     opts = {"pad": rc["reconstruct"]["pad"], "maxres_A": rc["reconstruct"]["maxres_A"],
-            "ctf": rc["refine"]["ctf"], "precision": rc["refine"]["precision"], "compression": rc["store"]}
+            "ctf": rc["refine"]["ctf"], "precision": rc["refine"]["precision"], "compression": rc["store"],
+            **search_opts(rc)}
     if int(wc.it) == 1:
         opts["first"] = wf.first_iteration(rc["refine"])
-    elif rc["refine"]["pose_search_order"] is not None:
-        opts["pose_search"] = {k: rc["refine"][k] for k in ("pose_search_order", "offset_range_px", "offset_step_px")}
     return opts
+
+
+@sorted_params
+def initial_opts(wc):
+    rc = run_config(wc.pset)
+    return {"ini_high_A": rc["refine"]["ini_high_A"], "incr_size": rc["refine"]["incr_size"],
+            "maxres_A": rc["reconstruct"]["maxres_A"], "first": wf.first_iteration(rc["refine"]),
+            "compression": rc["store"], **search_opts(rc)}
+
+
+@sorted_params
+def sampling_opts(wc):
+    rc = run_config(wc.pset)
+    return {"pad": rc["reconstruct"]["pad"], "ctf": rc["refine"]["ctf"], **search_opts(rc)}
 
 
 @sorted_params
@@ -199,7 +243,7 @@ def merge_opts(wc):
 def model_opts(wc):
     rc = run_config(wc.pset)
     return {"maxres_A": rc["reconstruct"]["maxres_A"], "tau2_fudge": rc["reconstruct"]["tau2_fudge"],
-            **wf.iteration_schedule(rc["refine"], int(wc.it))}
+            **wf.iteration_schedule(rc["refine"], int(wc.it)), **search_opts(rc)}
 
 
 @sorted_params
@@ -215,13 +259,36 @@ def postprocess_opts(wc):
 
 
 # ---------------------------------------------------------------- inputs
+def shard_poses(wc, it, halves=(1, 2)):
+    base = IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(it))
+    return [join(base, f"poses_half{h}_shard{s}.h5") for h in halves for s in shards()]
+
+
+def has_reference(dataset):
+    return "reference" in config["datasets"][dataset]
+
+
+def previous(wc, it):
+    """The folder of iteration it - 1: start/ for iteration 1 of a run from a reference map."""
+    if it == 1:
+        return START.format(dataset=wc.dataset, pset=wc.pset)
+    return IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(it - 1))
+
+
+def start_poses(wc):
+    return [join(START.format(dataset=wc.dataset, pset=wc.pset), f"poses_half{h}_shard{s}.h5")
+            for h in (1, 2) for s in shards()]
+
+
 def expectation_inputs(wc):
     inputs = {"store": STORE.format(dataset=wc.dataset)}
     it = int(wc.it)
-    if it > 1:
-        prev = IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(it - 1))
+    if it > 1 or has_reference(wc.dataset):
+        prev = previous(wc, it)
         inputs.update(poses=join(prev, f"poses_half{wc.half}_shard{wc.shard}.h5"), model=join(prev, "model.json"),
                       reference=join(prev, f"half{wc.half}.h5"))
+        if pose_search(wc.pset):
+            inputs["sampling"] = join(prev, "sampling.json")
     return inputs
 
 
@@ -229,9 +296,20 @@ def model_inputs(wc):
     it = int(wc.it)
     base = IT.format(dataset=wc.dataset, pset=wc.pset, it=wc.it)
     inputs = {"sums1": join(base, "sums_half1.h5"), "sums2": join(base, "sums_half2.h5")}
-    if it > 1:
-        inputs["prev"] = join(IT.format(dataset=wc.dataset, pset=wc.pset, it=itname(it - 1)), "model.json")
+    if it > 1 or has_reference(wc.dataset):
+        prev = previous(wc, it)
+        inputs["prev"] = join(prev, "model.json")
+        if pose_search(wc.pset):
+            inputs.update(poses=shard_poses(wc, it),
+                          prev_poses=shard_poses(wc, it - 1) if it > 1 else start_poses(wc),
+                          prev_sampling=join(prev, "sampling.json"))
     return inputs
+
+
+def sampling_inputs(wc):
+    base = IT.format(dataset=wc.dataset, pset=wc.pset, it=wc.it)
+    return {"store": STORE.format(dataset=wc.dataset), "model": join(base, "model.json"),
+            "half1": join(base, "half1.h5"), "poses": shard_poses(wc, int(wc.it), halves=(1,))}
 
 
 def final_inputs(wc):

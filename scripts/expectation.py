@@ -1,4 +1,4 @@
-# Snakemake script: one shard of one half set, one iteration (poses kept: no pose search yet).
+# Snakemake script: one shard of one half set, one iteration.
 from omlrelion.pipeline import logs, workflow
 
 logs.setup_logging(snakemake.log[0])
@@ -6,4 +6,5 @@ workflow.expectation_shard(
     snakemake.input.store, snakemake.output.sums, snakemake.output.poses,
     half=int(snakemake.wildcards.half), shard=int(snakemake.wildcards.shard), iteration=int(snakemake.wildcards.it),
     opts=dict(snakemake.params.opts), poses_in=snakemake.input.get("poses"), model_in=snakemake.input.get("model"),
-    reference=snakemake.input.get("reference"), device=workflow.job_device(snakemake.resources.get("gpu", 0)))
+    reference=snakemake.input.get("reference"), sampling_in=snakemake.input.get("sampling"),
+    device=workflow.job_device(snakemake.resources.get("gpu", 0)))

@@ -37,7 +37,7 @@ from omlrelion.ctf.optics import Optics
 from omlrelion.errors import InputError
 from omlrelion.io.mrc import _atomic_output
 
-__all__ = ["Compression", "ParticleStore", "ParticleStoreWriter", "config_hash", "write_sums", "read_sums",
+__all__ = ["Compression", "ParticleStore", "ParticleStoreWriter", "config_hash", "write_sums", "read_sums", "read_noise",
            "write_volume", "read_volume", "write_table", "read_table", "read_attrs", "compression_report",
            "verify_file", "FORMAT_VERSION", "KINDS"]
 
@@ -337,10 +337,11 @@ class ParticleStore:
 
 
 # --------------------------------------------------------------------------- sums, volumes, tables
-def write_sums(path, data_ftc, weight_ftc, *, attrs: dict, compression: Compression) -> None:
+def write_sums(path, data_ftc, weight_ftc, *, attrs: dict, compression: Compression, noise: dict | None = None) -> None:
     """Padded Fourier sums (data complex, weight real; (P, P, P//2+1)) with their attributes.
 
     attrs must hold box_size, pad, r_max, angpix and iteration (and half, shard, n_particles...).
+    noise: the pose search's other sums (name -> array or number; group /noise), added up by merges.
     """
     for key in ("box_size", "pad", "r_max", "angpix", "iteration"):
         if key not in attrs:
@@ -351,12 +352,26 @@ def write_sums(path, data_ftc, weight_ftc, *, attrs: dict, compression: Compress
     with _open_write(path, "sums", attrs) as f:
         _put_array(f, "data", data, compression)
         _put_array(f, "weight", weight, compression)
+        if noise:
+            group = f.create_group("noise")
+            for name in sorted(noise):
+                _put_array(group, name, np.asarray(noise[name]), compression)
 
 
 def read_sums(path, *, expect: dict | None = None):
     """(data, weight, attrs): the arrays exactly as written and the root attributes."""
     with _open_read(path, "sums", expect) as (f, attrs):
         return _get_array(Path(path), f, "data"), _get_array(Path(path), f, "weight"), attrs
+
+
+def read_noise(path, *, expect: dict | None = None) -> dict:
+    """The /noise sums of a sums store (name -> array; 0-d for numbers), {} when it has none."""
+    with _open_read(path, "sums", expect) as (f, _):
+        if "noise" not in f:
+            return {}
+        group = f["noise"]
+        names = sorted({k.removesuffix("_real").removesuffix("_imag") for k in group})
+        return {name: _get_array(Path(path), group, name) for name in names}
 
 
 def write_volume(path, volume, *, attrs: dict, compression: Compression) -> None:

@@ -118,6 +118,14 @@ def map_shape(path: str | os.PathLike) -> tuple[int, int, int]:
     return int(header.nz), int(header.ny), int(header.nx)
 
 
+def map_geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], float]:
+    """((nz, ny, nx), pixel size cella.x / mx in A; 0.0 when the header gives none) of an MRC map
+    from its header, checked as `read_map` checks it (no data read)."""
+    header = _check_header(path, "map")
+    mx = int(header.mx) or int(header.nx)
+    return (int(header.nz), int(header.ny), int(header.nx)), float(header.cella.x) / mx
+
+
 def _check_finite(path: Path, data: np.ndarray, what: str) -> None:
     if not np.isfinite(data).all():
         bad = np.argwhere(~np.isfinite(data))[0]

@@ -33,7 +33,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from omlrelion.geometry.euler import euler_to_matrix
 from omlrelion.geometry.grids import PaddedGrid
 from omlrelion.geometry.symmetry import point_group_matrices
 from omlrelion.io import h5
-from omlrelion.io.mrc import ImageStack, read_map, write_map
+from omlrelion.io.mrc import ImageStack, map_geometry, read_map, write_map
 from omlrelion.io.star import read_particles, write_particles, write_star
 from omlrelion.pipeline.simulate import SimulateParams, simulate
 from omlrelion.reconstruct.autotune import plan_for
@@ -65,8 +65,25 @@ from omlrelion.reconstruct.fsc import (
 from omlrelion.reconstruct.gridding import soft_sphere
 from omlrelion.reconstruct.insert import CtfMode, insert_particles
 from omlrelion.reconstruct.plan import run_plan
+from omlrelion.refine.autorefine import (
+    ACCURACY_PARTICLES,
+    SIGMA2_PARTICLES,
+    RefineOptions,
+    accuracy,
+    circular_mask,
+    expect_particles,
+    initial_sigma2,
+    initial_sigma2_from_sums,
+    low_pass,
+    next_perturbation,
+    next_r_max,
+    power_sums,
+    sum_noise,
+)
+from omlrelion.refine.maximization import update_sigma2, update_sigma_offset
 from omlrelion.refine.outputs import write_model_star
-from omlrelion.units import r_max_for_resolution
+from omlrelion.refine.schedule import Schedule, hidden_variable_changes
+from omlrelion.units import r_max_for_resolution, relion_round
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +159,12 @@ def _dtype(precision: str):
 
 
 # --------------------------------------------------------------------------- input checks
-def check_particles(star_path, *, n_shards: int, ctf: bool, box_size: int | None = None) -> int:
+def check_particles(star_path, *, n_shards: int, ctf: bool, box_size: int | None = None, reference=None) -> int:
     """Parse-time check of a particle STAR file and its stacks; returns the number of particles.
 
     Raises InputError naming the file: the io checks (labels, values, stacks, headers, image
     numbers), optics groups of different box or pixel size, a downsampling box_size larger than
-    the images, n_shards larger than a half set.
+    the images, n_shards larger than a half set, a `reference` map of another box or pixel size.
     """
     required = ("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi") + (("rlnDefocusU",) if ctf else ())
     particles = read_particles(star_path, require=required)
@@ -163,10 +180,27 @@ def check_particles(star_path, *, n_shards: int, ctf: bool, box_size: int | None
             if images.box_size != particles.optics[0].box_size:
                 raise InputError(f"{stack}: images are {images.box_size} px, {star_path} says "
                                  f"{particles.optics[0].box_size} px")
+    if reference is not None:
+        optics = particles.optics[0]
+        box = box_size or optics.box_size
+        check_reference(reference, box_size=box, angpix=optics.angpix * optics.box_size / box, what=star_path)
     halves = _random_halves(particles, seed=0)
     smallest = min(int((halves == 1).sum()), int((halves == 2).sum()))
     _check_shards(n_shards, smallest, star_path)
     return particles.n_particles
+
+
+def check_reference(path, *, box_size: int, angpix: float, what) -> None:
+    """Parse-time check of a dataset's reference map: a readable MRC of box_size^3 voxels at the
+    particles' pixel size (both after preprocess.box_size); InputError naming the file otherwise."""
+    shape, ref_angpix = map_geometry(path)
+    if shape != (box_size,) * 3:
+        raise InputError(f"{path}: map of {shape[2]}x{shape[1]}x{shape[0]} px, the particles of {what} (after "
+                         f"preprocess.box_size) are {box_size} px; give a map of {box_size}^3 px at {angpix:g} A/px "
+                         f"(relion_image_handler --rescale_angpix {angpix:g} --new_box {box_size})")
+    if abs(ref_angpix - angpix) > 1e-3 * angpix:
+        raise InputError(f"{path}: pixel size {ref_angpix:g} A, the particles of {what} (after "
+                         f"preprocess.box_size) have {angpix:g} A; rescale the map or fix its header")
 
 
 def check_box(box_size: int | None, image_box: int, what) -> None:
@@ -330,54 +364,118 @@ def _scores(volume_ftc, images, rotations, shifts_px, optics, ctf, *, grid: Padd
     return to_numpy(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)).astype(np.float64)
 
 
-def _search_shard(store, index, columns, ref_ftc, grid: PaddedGrid, search: dict, apply_ctf: bool, dtype,
-                  device: Device):
-    """The pose search of one shard (`refine`): every particle's global search on the HEALPix grid of
-    `pose_search_order` (first pass, then RELION's oversampled second pass on its significant
-    points) against the half map's projector, and its posterior-weighted back-projection with
-    RELION's 1/sigma2 weights. sigma2 per shell comes from the shard's own images (spec 5.9).
-    Returns (data, weight, best eulers, best shifts, Pmax) on `device` / the host."""
-    from omlrelion.refine.autorefine import fine_pass_batch, initial_sigma2, window_2d
-    from omlrelion.refine.expectation import (
-        HalfPlanePixels,
-        expectation,
-        offset_log_prior,
-    )
-    from omlrelion.refine.maximization import inverse_sigma2_plane
-    from omlrelion.refine.sampling import Sampling
+def search_options(search: dict, *, pad: float, symmetry: str) -> RefineOptions:
+    """The refinement engine's options for the workflow's pose search (config section refine)."""
+    return RefineOptions(healpix_order=int(search["pose_search_order"]), offset_range_px=float(search["offset_range_px"]),
+                         offset_step_px=float(search["offset_step_px"]), pad=float(pad),
+                         oversampling=int(search["oversampling"]), schedule=bool(search["sampling_schedule"]),
+                         max_order=int(search["max_healpix_order"]), auto_local_order=int(search["auto_local_order"]),
+                         particle_diameter_A=search["particle_diameter_A"], zero_mask=bool(search["zero_mask"]),
+                         perturb=float(search["perturb"]), random_seed=int(search["seed"]),
+                         sigma_offset_A=float(search["sigma_offset_A"]), symmetry=symmetry, batch=BATCH)
 
-    xp = device.xp
-    real = np.dtype(dtype)
-    cplx = np.result_type(real, np.complex64)
-    n, c = store.box_size, min(store.box_size, 2 * grid.r_max)
-    sampling = Sampling(int(search["pose_search_order"]), float(search["offset_range_px"]),
-                        float(search["offset_step_px"]))
-    proj = extract_slices(ref_ftc, xp.asarray(euler_to_matrix(sampling.eulers())), box_size=c, pad=grid.pad,
-                          r_padded=grid.r_padded)
-    pix = HalfPlanePixels.of(c)
-    images_ft = rfft2_centred(store.read_images(index).astype(np.float64))
-    inv = inverse_sigma2_plane(initial_sigma2(images_ft), c)
-    noise_w, inv_d = xp.asarray(inv.ravel()[pix.index], dtype=real), xp.asarray(inv, dtype=real)
-    data = xp.zeros(grid.shape, dtype=cplx)
-    weight = xp.zeros(grid.shape, dtype=real)
-    eulers, shifts, pmax = np.zeros((len(index), 3)), np.zeros((len(index), 2)), np.zeros(len(index))
+
+def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sampling: dict, *, half: int,
+                  r_max: int, ropts: RefineOptions, apply_ctf: bool, device: Device):
+    """The pose search of one shard (`refine.autorefine.expect_particles`, the engine's E-step) from
+    its poses `eulers`, `shifts` against its half map `volume`, with the half's noise spectrum and
+    offset prior of `model` (the previous model_update) and the sampling of `sampling` (the previous
+    iteration's sampling job). Returns (data, weight on the host, eulers, shifts, Pmax, significant
+    samples, noise sums)."""
+    search = model["search"]
+    schedule = Schedule(**sampling["schedule"])
+    images = store.read_images(index)
+    ctf = _ctf_params(store, index, columns)
+    eulers, shifts = np.array(eulers, dtype=np.float64), np.array(shifts, dtype=np.float64)
+    pmax, n_sig = np.zeros(len(index)), np.zeros(len(index), dtype=np.int64)
+    data = weight = None
+    noise = []
     for group in np.unique(columns["optics_group"][index]):
-        members = np.flatnonzero(columns["optics_group"][index] == group)
-        optics = store.optics[group]
-        for start in range(0, len(members), BATCH):
-            sel = members[start:start + BATCH]
-            x = xp.asarray(window_2d(images_ft[sel], c).astype(cplx))
-            ctf = (window_2d(ctf_2d(optics, _ctf_params(store, index[sel], columns), dtype=np.float64), c)
-                   if apply_ctf else np.ones((len(sel), c, c // 2 + 1)))
-            ct = xp.asarray(ctf.astype(real))
-            prior = offset_log_prior(np.zeros((len(sel), 2)), sampling.shifts, angpix=store.angpix,
-                                     sigma_offset_A=10.0)
-            e = expectation(proj, x, ct, noise_w, sampling.shifts, pix, box_size=n,
-                            log_prior=xp.asarray(prior)[:, :, None])
-            eulers[sel], shifts[sel], pmax[sel], _, _ = fine_pass_batch(
-                ref_ftc, x, ct, noise_w, pix, sampling, e.posterior, prior, data, weight, inv_d, box_size=n,
-                pad=grid.pad, r_padded=grid.r_padded, noise_sums=False)
-    return data, weight, eulers, shifts, pmax
+        rows = np.flatnonzero(columns["optics_group"][index] == group)
+        found = expect_particles(images, ctf, store.optics[group], rows, volume, search["sigma2"][half - 1],
+                                 search["sigma_offset_A"][half - 1], eulers[rows], shifts[rows], schedule=schedule, perturb=float(sampling["perturb"]),
+                                 r_max=r_max, opts=ropts, device=device, apply_ctf=apply_ctf)
+        eulers[rows], shifts[rows], pmax[rows], n_sig[rows] = (found.eulers, found.shifts_px, found.pmax,
+                                                               found.n_significant)
+        d, w = to_numpy(found.data), to_numpy(found.weight)
+        data, weight = (d, w) if data is None else (data + d, weight + w)
+        noise.append(found.noise)
+    return data, weight, eulers, shifts, pmax, n_sig, sum_noise(noise)
+
+
+def _power_sums_shard(store, index, columns, *, half: int, ropts: RefineOptions) -> dict:
+    """Iteration 1 of a pose-search run: the starting noise spectrum's sums (`power_sums`) over this
+    shard's share of the half set's first 1000 particles (RELION's, spec 5.9)."""
+    n = store.box_size
+    first = np.flatnonzero(columns["half"] == half)[:SIGMA2_PARTICLES]
+    mine = index[np.isin(index, first)]
+    images = store.read_images(mine).astype(np.float64) if mine.size else np.zeros((0, n, n))
+    if ropts.zero_mask:
+        diameter_A = ropts.particle_diameter_A or (n - 5) * store.angpix
+        images = images * circular_mask(n, diameter_A / (2 * store.angpix), np)
+    return power_sums(rfft2_centred(images))
+
+
+def initial_model(store_path, reference_path, out_model, out_sampling, out_volumes, out_poses, *, opts: dict) -> dict:
+    """A pose-search run's starting state from a reference map (folder `start/`, iteration 0), as
+    `omlrelion refine --ref` starts: the map low-passed to `ini_high_A` as both halves' reference,
+    each half's noise spectrum from its first 1000 particles, the offset prior and the first
+    sampling of the config, and the input poses (their rounded offsets centre the first
+    translational search). Iteration 1 is then a search like every later one.
+
+    opts: ini_high_A, incr_size, maxres_A, first (first_iteration()), search, symmetry, compression.
+    out_volumes: the two halves' volume stores; out_poses: {(half, shard): poses file}.
+    """
+    search = opts["search"]
+    ropts = search_options(search, pad=2.0, symmetry=opts["symmetry"])
+    volume, _ = read_map(reference_path)
+    with h5.ParticleStore(store_path) as store:
+        box, angpix = store.box_size, store.angpix
+        check_reference(reference_path, box_size=box, angpix=angpix, what=store_path)
+        if not np.isfinite(volume).all():
+            raise InputError(f"{reference_path}: the map holds NaN or Inf values")
+        half, shard = store.column("half"), store.column("shard")
+        eulers, shifts = store.column("eulers_deg"), store.column("shifts_px")
+        mask = None
+        if ropts.zero_mask:
+            diameter_A = ropts.particle_diameter_A or (box - 5) * angpix
+            mask = circular_mask(box, diameter_A / (2 * angpix), np)
+        sigma2 = []
+        for h in (1, 2):
+            first = store.read_images(np.flatnonzero(half == h)[:SIGMA2_PARTICLES]).astype(np.float64)
+            sigma2.append(initial_sigma2(rfft2_centred(first if mask is None else first * mask)).tolist())
+    start = low_pass(volume.astype(np.float64), angpix=angpix, resolution_A=float(opts["ini_high_A"])).astype(np.float32)
+    compression = _compression(opts["compression"])
+    for h, path in zip((1, 2), out_volumes):
+        h5.write_volume(path, start, attrs={"box_size": box, "angpix": angpix, "iteration": 0, "half": h,
+                                            "config_hash": h5.config_hash(opts)}, compression=compression)
+    for (h, s), path in out_poses.items():
+        index = np.flatnonzero((half == h) & (shard == s))
+        h5.write_table(path, {"index": index, "eulers_deg": eulers[index], "shifts_px": shifts[index],
+                              "score": np.full(len(index), np.nan)},
+                       attrs={"box_size": box, "angpix": angpix, "iteration": 0, "half": h, "shard": s,
+                              "config_hash": h5.config_hash(opts)}, compression=compression)
+    order = int(search["pose_search_order"])
+    schedule = Schedule(order, float(search["offset_range_px"]), float(search["offset_step_px"]),
+                        local=order >= int(search["auto_local_order"]))
+    r_star = relion_round(box * angpix / float(opts["ini_high_A"]))
+    limit = r_max_for_resolution(box, angpix, opts["maxres_A"])
+    next_is_final = bool(opts["first"]["final"])
+    model = {"omlrelion_version": omlrelion.__version__, "iteration": 0, "box_size": box, "angpix": angpix,
+             "reference": str(reference_path), "ini_high_A": float(opts["ini_high_A"]), "r_star": r_star,
+             "current_resolution_A": box * angpix / r_star, "current_resolution_inv_A": r_star / (box * angpix),
+             "incr_size": int(opts["incr_size"]), "iterations_without_resolution_gain": 0, "converged": False,
+             "final": False, "next_is_final": next_is_final,
+             "next_r_max": limit if next_is_final else min(limit, next_r_max(r_star, int(opts["incr_size"]), box)),
+             "search": {"sigma2": sigma2, "sigma_offset_A": [float(search["sigma_offset_A"])] * 2, "perturb": 0.0,
+                        "angle_change_deg": None, "offset_change_A": 0.0, "mean_pmax": None,
+                        "high_fsc_at_limit": False, "schedule": asdict(schedule), "converged": False}}
+    _write_json(out_model, model)
+    _write_json(out_sampling, {"iteration": 1, "schedule": asdict(schedule),
+                               "perturb": next_perturbation(0.0, ropts.perturb, seed=ropts.random_seed, iteration=0)})
+    log.info("start: %s low-passed to %.1f A as both halves' reference, r* %d, first r_max %d", reference_path,
+             float(opts["ini_high_A"]), r_star, model["next_r_max"])
+    return model
 
 
 def first_iteration(schedule: dict) -> dict:
@@ -398,15 +496,24 @@ def iteration_schedule(schedule: dict, iteration: int) -> dict:
 
 
 def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int, iteration: int, opts: dict,
-                      poses_in=None, model_in=None, reference=None, device: Device = Device()) -> dict:
-    """One shard of one half set: current poses -> poses file, back-projection -> partial sums.
+                      poses_in=None, model_in=None, reference=None, sampling_in=None,
+                      device: Device = Device()) -> dict:
+    """One shard of one half set: poses -> poses file, back-projection -> partial sums.
 
-    opts: pad, maxres_A (resolution limit; null: Nyquist), ctf, precision, compression, and for
-    iteration 1 `first` (first_iteration()). poses_in / model_in / reference: the shard's poses
-    file, model.json and half map of the previous iteration (iteration >= 2).
+    opts: pad, maxres_A (resolution limit; null: Nyquist), ctf, precision, compression, for
+    iteration 1 `first` (first_iteration()), and with a pose search `search` (the config's refine
+    options, search_options()) and `symmetry`. poses_in / model_in / reference: the shard's poses
+    file, model.json and half map of the previous iteration (iteration >= 2); sampling_in: the
+    previous iteration's sampling.json (pose search).
+
+    Without a pose search the poses are kept (the STAR file's, then the previous iteration's) and
+    each particle is scored against the reference (normalised cross-correlation). With one, every
+    iteration after the first is the refinement engine's E-step of this shard (`_search_shard`), and
+    iteration 1 also sums what the starting noise spectrum needs (`_power_sums_shard`).
     """
     t0 = time.perf_counter()
     dtype = _dtype(opts["precision"])
+    search = opts.get("search")
     with h5.ParticleStore(store_path) as store:
         columns = {c: store.column(c) for c in ("half", "shard", "eulers_deg", "shifts_px", "optics_group",
                                                "defocus_u", "defocus_v", "defocus_angle_deg", "phase_shift_deg",
@@ -429,48 +536,60 @@ def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int,
             eulers, shifts = prev["eulers_deg"], prev["shifts_px"]
         grid = PaddedGrid(box, float(opts["pad"]), r_max)
         xp = device.xp
-        ref_ftc = None
+        volume = None
         if reference is not None:
             volume, _ = h5.read_volume(reference, expect={"box_size": box, "angpix": angpix, "half": half,
                                                           "iteration": iteration - 1})
-            with device.use():
-                ref_ftc = volume_to_ftc(device.put(volume.astype(dtype)), pad=grid.pad, r_max=r_max)
         scores = np.full(len(index), np.nan)
-        search = opts.get("pose_search") if ref_ftc is not None else None
-        if search is not None:
+        n_significant = noise = None
+        ropts = None if search is None else search_options(search, pad=grid.pad, symmetry=opts["symmetry"])
+        if search is not None and volume is not None:
+            sampling = _read_json(sampling_in)
+            if int(sampling["iteration"]) != iteration:
+                raise InputError(f"{sampling_in}: the sampling of iteration {sampling['iteration']}, "
+                                 f"not {iteration}; rerun the job that writes it")
+            data, weight, eulers, shifts, scores, n_significant, noise = _search_shard(
+                store, index, columns, volume, eulers, shifts, model, sampling, half=half, r_max=r_max, ropts=ropts,
+                apply_ctf=bool(opts["ctf"]), device=device)
+        else:
+            if search is not None:
+                noise = _power_sums_shard(store, index, columns, half=half, ropts=ropts)
             with device.use():
-                data, weight, eulers, shifts, scores = _search_shard(store, index, columns, ref_ftc, grid, search,
-                                                                     bool(opts["ctf"]), dtype, device)
-        with device.use():
-            if search is None:
+                ref_ftc = (None if volume is None
+                           else volume_to_ftc(device.put(volume.astype(dtype)), pad=grid.pad, r_max=r_max))
                 data = xp.zeros(grid.shape, dtype=np.result_type(dtype, np.complex64))
                 weight = xp.zeros(grid.shape, dtype=dtype)
-            mode = CtfMode(apply=bool(opts["ctf"]))
-            for group in ([] if search is not None else np.unique(columns["optics_group"][index])):
-                members = np.flatnonzero(columns["optics_group"][index] == group)
-                optics = store.optics[group]
-                for start in range(0, len(members), BATCH):
-                    sel = members[start:start + BATCH]
-                    rows = index[sel]
-                    images = device.put(store.read_images(rows).astype(dtype))
-                    rotations = euler_to_matrix(eulers[sel])
-                    ctf = _ctf_params(store, rows, columns)
-                    insert_particles(data, weight, images, rotations, shifts[sel], optics, ctf, mode=mode,
-                                     pad=grid.pad, r_padded=grid.r_padded)
-                    if ref_ftc is not None:
-                        scores[sel] = _scores(ref_ftc, images, device.put(rotations), shifts[sel], optics, ctf,
-                                              grid=grid, apply_ctf=mode.apply)
-            data, weight = to_numpy(data), to_numpy(weight)
+                mode = CtfMode(apply=bool(opts["ctf"]))
+                for group in np.unique(columns["optics_group"][index]):
+                    members = np.flatnonzero(columns["optics_group"][index] == group)
+                    optics = store.optics[group]
+                    for start in range(0, len(members), BATCH):
+                        sel = members[start:start + BATCH]
+                        rows = index[sel]
+                        images = device.put(store.read_images(rows).astype(dtype))
+                        rotations = euler_to_matrix(eulers[sel])
+                        ctf = _ctf_params(store, rows, columns)
+                        insert_particles(data, weight, images, rotations, shifts[sel], optics, ctf, mode=mode,
+                                         pad=grid.pad, r_padded=grid.r_padded)
+                        if ref_ftc is not None:
+                            scores[sel] = _scores(ref_ftc, images, device.put(rotations), shifts[sel], optics, ctf,
+                                                  grid=grid, apply_ctf=mode.apply)
+                data, weight = to_numpy(data), to_numpy(weight)
+    data, weight = data.astype(np.result_type(dtype, np.complex64)), weight.astype(dtype)
     attrs = {"box_size": box, "angpix": angpix, "pad": grid.pad, "r_max": r_max, "iteration": iteration,
              "half": half, "shard": shard, "n_particles": len(index), "config_hash": h5.config_hash(opts),
              "precision": opts["precision"]}
     compression = _compression(opts["compression"])
-    h5.write_table(out_poses, {"index": index, "eulers_deg": eulers, "shifts_px": shifts, "score": scores},
+    table = {"index": index, "eulers_deg": eulers, "shifts_px": shifts, "score": scores}
+    if n_significant is not None:
+        table["n_significant"] = n_significant
+    h5.write_table(out_poses, table,
                    attrs={k: attrs[k] for k in ("box_size", "angpix", "iteration", "half", "shard", "config_hash")},
                    compression=compression)
-    h5.write_sums(out_sums, data, weight, attrs=attrs, compression=compression)
-    log.info("iteration %d, half %d, shard %d: %d particles back-projected to r_max %d on %s in %.1f s",
-             iteration, half, shard, len(index), r_max, device.name, time.perf_counter() - t0)
+    h5.write_sums(out_sums, data, weight, attrs=attrs, compression=compression, noise=noise)
+    log.info("iteration %d, half %d, shard %d: %d particles %s to r_max %d on %s in %.1f s", iteration, half, shard,
+             len(index), "searched and back-projected" if n_significant is not None else "back-projected", r_max,
+             device.name, time.perf_counter() - t0)
     return attrs
 
 
@@ -479,8 +598,10 @@ def merge_sums(shard_paths, out_sums, *, half: int, iteration: int, opts: dict) 
     """Add the shards' sums of one half, Hermitian-repair and symmetrise them (opts: symmetry, compression)."""
     data = weight = first = None
     n = 0
+    noise = []
     for path in shard_paths:
-        d, w, attrs = h5.read_sums(path, expect={"iteration": iteration, "half": half, **(first or {})})
+        expect = {"iteration": iteration, "half": half, **(first or {})}
+        d, w, attrs = h5.read_sums(path, expect=expect)
         if first is None:
             first = {k: attrs[k] for k in ("box_size", "angpix", "pad", "r_max", "config_hash", "precision")}
             data, weight = d, w
@@ -488,6 +609,9 @@ def merge_sums(shard_paths, out_sums, *, half: int, iteration: int, opts: dict) 
             data += d
             weight += w
         n += int(attrs["n_particles"])
+        noise.append(h5.read_noise(path, expect=expect))
+    if any(noise) and not all(noise):
+        raise InputError(f"{shard_paths[0]}: some shards of half {half} have noise sums and some not; rerun them")
     grid = PaddedGrid(int(first["box_size"]), float(first["pad"]), int(first["r_max"]))
     hermitian_repair(data, weight)
     matrices = point_group_matrices(opts["symmetry"])
@@ -495,7 +619,8 @@ def merge_sums(shard_paths, out_sums, *, half: int, iteration: int, opts: dict) 
         data, weight = symmetrise(data, weight, matrices, grid.r_padded)
     attrs = {**first, "iteration": iteration, "half": half, "n_particles": n, "symmetry": opts["symmetry"].upper(),
              "config_hash": h5.config_hash({**opts, "shards": first["config_hash"]})}
-    h5.write_sums(out_sums, data, weight, attrs=attrs, compression=_compression(opts["compression"]))
+    merged = {k: sum(part[k] for part in noise) for k in noise[0]} if noise[0] else None
+    h5.write_sums(out_sums, data, weight, attrs=attrs, compression=_compression(opts["compression"]), noise=merged)
     return attrs
 
 
@@ -504,10 +629,63 @@ def _first_below(curve, threshold: float) -> int:
     return int(below[0]) + 1 if below.size else len(curve)
 
 
-def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_model=None) -> dict:
+def _read_poses(paths, iteration: int):
+    """The poses files of one iteration joined, in particle order: (index, eulers, shifts, score)."""
+    tables = [h5.read_table(path, expect={"iteration": iteration})[0] for path in paths]
+    index = np.concatenate([t["index"] for t in tables])
+    order = np.argsort(index, kind="stable")
+    return (index[order], np.concatenate([t["eulers_deg"] for t in tables])[order],
+            np.concatenate([t["shifts_px"] for t in tables])[order], np.concatenate([t["score"] for t in tables])[order])
+
+
+def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str, final: bool, gain: bool, curve,
+                   prev: dict | None, angpix: float, poses=(), prev_poses=(), prev_sampling=None) -> dict:
+    """The pose search's part of the model (RELION's M-step and schedule, spec 4.5, 5.2, 5.6): each
+    half's noise spectrum and offset prior from its merged noise sums (iteration 1: the starting
+    spectrum of its first 1000 particles), the mean angle and offset changes against the previous
+    iteration, the no-gain and no-large-change counters, and whether the FSC was high at the edge."""
+    noise = [h5.read_noise(sums1), h5.read_noise(sums2)]
+    ov = int(search["oversampling"])
+    if prev is None:
+        order = int(search["pose_search_order"])
+        schedule = Schedule(order, float(search["offset_range_px"]), float(search["offset_step_px"]),
+                            local=order >= int(search["auto_local_order"]))
+        out = {"sigma2": [initial_sigma2_from_sums(n).tolist() for n in noise],
+               "sigma_offset_A": [float(search["sigma_offset_A"])] * 2, "perturb": 0.0, "angle_change_deg": None,
+               "offset_change_A": 0.0, "mean_pmax": None, "high_fsc_at_limit": False}
+    else:
+        sampling = _read_json(prev_sampling)
+        schedule = Schedule(**sampling["schedule"])
+        index, eulers, shifts, pmax = _read_poses(poses, iteration)
+        old_index, old_eulers, old_shifts, _ = _read_poses(prev_poses, iteration - 1)
+        if not np.array_equal(index, old_index):
+            raise InputError(f"{poses[0]}: the poses of iterations {iteration - 1} and {iteration} are of different particles")
+        angle, offset = hidden_variable_changes(old_eulers, eulers, old_shifts, shifts, angpix=angpix,
+                                                symmetry=point_group_matrices(symmetry))
+        schedule.iter_wo_gain = 0 if gain else schedule.iter_wo_gain + 1
+        if not final:
+            schedule.record_changes(angle, offset, ov=ov, angpix=angpix)
+        out = {"sigma2": [update_sigma2(prev["search"]["sigma2"][h], [noise[h]]).tolist() for h in (0, 1)],
+               "sigma_offset_A": [update_sigma_offset([n]) for n in noise], "perturb": float(sampling["perturb"]),
+               "angle_change_deg": angle, "offset_change_A": offset, "mean_pmax": float(pmax.mean()),
+               "high_fsc_at_limit": bool(prev["search"]["high_fsc_at_limit"])}
+    limit = np.flatnonzero(np.asarray(curve) > 0)
+    if limit.size and limit[-1] >= 1 and curve[limit[-1] - 1] > 0.2:
+        out["high_fsc_at_limit"] = True
+    out["schedule"] = asdict(schedule)
+    out["converged"] = prev is not None and schedule.converged()
+    return out
+
+
+def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_model=None, poses=(), prev_poses=(),
+                 prev_sampling=None) -> dict:
     """Gold-standard FSC of the halves' sums and the schedule: resolution, next r_max, final/converged.
 
-    opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...).
+    opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...); with a
+    pose search also `search` and `symmetry`, and then poses / prev_poses (this and the previous
+    iteration's poses files) and prev_sampling (the previous iteration's sampling.json) from
+    iteration 2 on. Without a pose search the run has converged after an iteration without
+    resolution gain; with one, by RELION's test (`Schedule.converged`).
     """
     d1, w1, a1 = h5.read_sums(sums1, expect={"iteration": iteration, "half": 1})
     d2, w2, a2 = h5.read_sums(sums2, expect={"iteration": iteration, "half": 2, "r_max": a1["r_max"],
@@ -515,6 +693,7 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
     box, angpix, r_max = int(a1["box_size"]), float(a1["angpix"]), int(a1["r_max"])
     grid = PaddedGrid(box, float(a1["pad"]), r_max)
     curve = fsc_from_sums(d1, w1, d2, w2, grid=grid)
+    del d1, w1, d2, w2
     prev = _read_json(prev_model) if prev_model else None
     final = prev["next_is_final"] if prev else bool(opts["first_is_final"])
     r_star = resolution_shell(curve, fudge=opts["tau2_fudge"])
@@ -523,7 +702,14 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
     current = r_star / (box * angpix)
     gain = prev is None or current > prev["current_resolution_inv_A"] + 1e-4
     no_gain = 0 if gain else int(prev["iterations_without_resolution_gain"]) + 1
-    converged = no_gain >= 1
+    search = None
+    if opts.get("search"):
+        search = _search_update(sums1, sums2, iteration=iteration, search=opts["search"], symmetry=opts["symmetry"],
+                                final=final, gain=gain, curve=curve, prev=prev, angpix=angpix, poses=poses,
+                                prev_poses=prev_poses, prev_sampling=prev_sampling)
+        converged = search["converged"]
+    else:
+        converged = no_gain >= 1
     if final:
         next_is_final = False
     elif opts["mode"] == "fixed":
@@ -531,6 +717,15 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
     else:
         next_is_final = converged or bool(opts["last_allowed"])
     limit = r_max_for_resolution(box, angpix, opts["maxres_A"])
+    if final:
+        next_r = None
+    elif next_is_final:
+        next_r = limit
+    elif search is not None:
+        next_r = min(limit, next_r_max(r_star, incr, box, high_fsc_at_limit=search["high_fsc_at_limit"],
+                                       mean_pmax=search["mean_pmax"] or 0.0))
+    else:
+        next_r = min(limit, r_star + incr)
     model = {
         "omlrelion_version": omlrelion.__version__, "iteration": iteration, "box_size": box, "angpix": angpix,
         "pad": grid.pad, "r_max": r_max, "r_max_limit": limit, "n_particles": [int(a1["n_particles"]),
@@ -539,14 +734,65 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
         "resolution_0143_A": resolution_at(curve, box_size=box, angpix=angpix, threshold=0.143),
         "resolution_05_A": resolution_at(curve, box_size=box, angpix=angpix, threshold=0.5),
         "r_star": r_star, "current_resolution_A": 1.0 / current, "current_resolution_inv_A": current,
-        "incr_size": incr, "iterations_without_resolution_gain": no_gain, "converged": converged,
-        "final": bool(final), "next_is_final": next_is_final,
-        "next_r_max": None if final else (limit if next_is_final else min(limit, r_star + incr)),
+        "incr_size": incr, "iterations_without_resolution_gain": no_gain, "converged": bool(converged),
+        "final": bool(final), "next_is_final": next_is_final, "next_r_max": next_r,
     }
+    if search is not None:
+        model["search"] = search
     _write_json(out_model, model)
     log.info("iteration %d: FSC 0.143 at %.2f A, r* %d, next r_max %s%s", iteration, model["resolution_0143_A"],
              r_star, model["next_r_max"], " (final)" if final else "")
+    if search is not None and search["angle_change_deg"] is not None:
+        sch = search["schedule"]
+        log.info("iteration %d: HEALPix order %d%s, offsets %.2f/%.2f px, pose changes %.2f deg / %.2f A, "
+                 "<Pmax> %.3f%s", iteration, sch["order"], " (local)" if sch["local"] else "", sch["offset_range_px"],
+                 sch["offset_step_px"], search["angle_change_deg"], search["offset_change_A"], search["mean_pmax"],
+                 ", converged" if converged else "")
     return model
+
+
+def next_sampling(store_path, model_json, half1_volume, poses_paths, out_json, *, iteration: int, opts: dict,
+                  device: Device = Device()) -> dict:
+    """The pose search's sampling for iteration + 1 (RELION's start of an iteration, spec 3.7, 5.4,
+    5.5): unless that iteration is the final one, the angular and translational accuracy of half 1's
+    first 100 particles against half 1's new map and the schedule's update (finer HEALPix order and
+    offsets, local searches); always the next random perturbation of the grids. opts: search,
+    symmetry, pad, ctf."""
+    model = _read_json(model_json)
+    search = opts["search"]
+    ropts = search_options(search, pad=float(opts["pad"]), symmetry=opts["symmetry"])
+    schedule = Schedule(**model["search"]["schedule"])
+    if not model["next_is_final"] and ropts.schedule:
+        volume, _ = h5.read_volume(half1_volume, expect={"half": 1, "iteration": iteration})
+        with h5.ParticleStore(store_path) as store:
+            columns = {c: store.column(c) for c in ("half", "optics_group", "defocus_u", "defocus_v",
+                                                   "defocus_angle_deg", "phase_shift_deg", "ctf_bfactor", "ctf_scale")}
+            index, eulers, _, _ = _read_poses(poses_paths, iteration)
+            first = np.flatnonzero(columns["half"] == 1)[:ACCURACY_PARTICLES]
+            where = np.searchsorted(index, first)
+            if np.any(where >= len(index)) or not np.array_equal(index[np.minimum(where, len(index) - 1)], first):
+                raise InputError(f"{poses_paths[0]}: the poses files of half 1 lack some of its first particles")
+            n = store.box_size
+            r_acc = min(n // 2, int(model["r_star"]) + int(model["incr_size"]))
+            rot = trans = 0.0
+            for group in np.unique(columns["optics_group"][first]):
+                sel = first[columns["optics_group"][first] == group]
+                acc = accuracy(volume, _ctf_params(store, sel, columns), store.optics[group],
+                               eulers[np.searchsorted(index, sel)], model["search"]["sigma2"][0], r_max=r_acc,
+                               opts=ropts, device=device, seed=iteration, apply_ctf=bool(opts["ctf"]))
+                rot, trans = rot + acc[0] * len(sel), trans + acc[1] * len(sel)
+        schedule.acc_rot_deg, schedule.acc_trans_px = rot / len(first), trans / len(first)
+        schedule.update_sampling(ov=ropts.oversampling, angpix=float(model["angpix"]),
+                                 offset_change_A=float(model["search"]["offset_change_A"]),
+                                 max_order=ropts.max_order, auto_local_order=ropts.auto_local_order)
+    out = {"iteration": iteration + 1, "schedule": asdict(schedule),
+           "perturb": next_perturbation(float(model["search"]["perturb"]), ropts.perturb, seed=ropts.random_seed,
+                                        iteration=iteration)}
+    _write_json(out_json, out)
+    log.info("sampling of iteration %d: HEALPix order %d%s, offsets %.2f/%.2f px, accuracy %.2f deg / %.2f px",
+             iteration + 1, schedule.order, " (local)" if schedule.local else "", schedule.offset_range_px,
+             schedule.offset_step_px, schedule.acc_rot_deg, schedule.acc_trans_px)
+    return out
 
 
 # --------------------------------------------------------------------------- reconstruction

@@ -118,21 +118,41 @@ def window_2d(a_ft, c: int):
     return a_ft[..., rows, :c // 2 + 1]
 
 
-def initial_sigma2(images_ft) -> np.ndarray:
-    """Per-shell noise power (spec 5.9): mean |F|^2 / 2 - |mean F|^2 / 2 (negative values: previous shell)."""
+def power_sums(images_ft) -> dict:
+    """What the starting noise spectrum needs of a set of images (corner-layout transforms (P, n,
+    n//2+1)), as sums that add up over sets: per shell sum |F|^2 over images and pixels, the sum of
+    the transforms, and the number of images."""
     n = images_ft.shape[-2]
     shells = shell_index(n).ravel()
     n_shells = n // 2 + 1
     keep = shells < n_shells
-    power = np.mean(np.abs(images_ft) ** 2, axis=0).ravel()
-    mean_power = np.abs(images_ft.mean(axis=0)).ravel() ** 2
-    count = np.bincount(shells[keep], minlength=n_shells)
-    s = (np.bincount(shells[keep], weights=power[keep], minlength=n_shells)
-         - np.bincount(shells[keep], weights=mean_power[keep], minlength=n_shells)) / (2 * np.maximum(count, 1))
+    power = np.sum(np.abs(images_ft) ** 2, axis=0).ravel()
+    return {"power_sum": np.bincount(shells[keep], weights=power[keep], minlength=n_shells),
+            "image_sum": np.sum(images_ft, axis=0), "count": np.float64(len(images_ft))}
+
+
+def initial_sigma2_from_sums(sums: dict) -> np.ndarray:
+    """Per-shell noise power (spec 5.9) from `power_sums` (added up over sets): mean |F|^2 / 2 -
+    |mean F|^2 / 2 per pixel of the shell (values <= 0 take the previous shell's)."""
+    image_sum = np.asarray(sums["image_sum"])
+    n = image_sum.shape[-2]
+    shells = shell_index(n).ravel()
+    n_shells = n // 2 + 1
+    keep = shells < n_shells
+    count = float(sums["count"])
+    mean_power = (np.abs(image_sum) ** 2).ravel() / count**2
+    pixels = np.bincount(shells[keep], minlength=n_shells)
+    s = (np.asarray(sums["power_sum"]) / count
+         - np.bincount(shells[keep], weights=mean_power[keep], minlength=n_shells)) / (2 * np.maximum(pixels, 1))
     for r in range(len(s)):
         if s[r] <= 0:
             s[r] = s[r - 1] if r > 0 else s[s > 0].min()
     return s
+
+
+def initial_sigma2(images_ft) -> np.ndarray:
+    """Per-shell noise power (spec 5.9) of a set of image transforms (`initial_sigma2_from_sums`)."""
+    return initial_sigma2_from_sums(power_sums(images_ft))
 
 
 def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
@@ -184,13 +204,13 @@ def coarse_size(box_size: int, angpix: float, current_size: int, order: int, par
     return int(min(current_size, 2 * int(np.ceil(box_size * angpix / d_c))))
 
 
-def _local_batch(state: RefineState, sel, vft, x, xm, ct, noise_w, pix, sampling, prior_t, sigma_deg: float,
+def _local_batch(prior_eulers, vft, x, xm, ct, noise_w, pix, sampling, prior_t, sigma_deg: float,
                  data, weight, inv_d, centre, *, opts: RefineOptions, grid: PaddedGrid, box_size: int, angpix: float):
     """A batch's local search (spec 3.5, 3.10): each particle's orientations within 3 sigma of its last
-    pose with their Gaussian prior (one set of projections for the batch: the union), then the second
-    pass and the back-projection. Returns what `fine_pass_batch` does."""
+    pose `prior_eulers` (B, 3) with their Gaussian prior (one set of projections for the batch: the
+    union), then the second pass and the back-projection. Returns what `fine_pass_batch` does."""
     xp = get_xp(x)
-    index, log_prior_r = local_orientations_batch(sampling, state.eulers[sel], sigma_deg)
+    index, log_prior_r = local_orientations_batch(sampling, prior_eulers, sigma_deg)
     eulers = sampling.eulers()[index]
     proj = extract_slices(vft, xp.asarray(euler_to_matrix(eulers)), box_size=x.shape[-2], pad=opts.pad,
                           r_padded=grid.r_padded)
@@ -260,9 +280,6 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     images = np.asarray(images)
     m, n = images.shape[0], images.shape[-1]
     halves = np.asarray(halves)
-    xp = device.xp
-    real = np.float64 if device.gpu is None else np.float32
-    cplx = np.result_type(real, np.complex64)
     apix = optics.angpix
     diameter_A = opts.particle_diameter_A or (n - 5) * apix
     radius_px = diameter_A / (2 * apix)
@@ -271,7 +288,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=apix, resolution_A=opts.ini_high_A)
         sigma2 = []
         for h in (1, 2):                # RELION: from up to 1000 particles (spec 5.9)
-            first = images[np.flatnonzero(halves == h)[:1000]].astype(np.float64)
+            first = images[np.flatnonzero(halves == h)[:SIGMA2_PARTICLES]].astype(np.float64)
             sigma2.append(initial_sigma2(rfft2_centred(first if mask_h is None else first * mask_h)))
         state = RefineState(
             maps=[start, start.copy()], sigma2=sigma2, sigma_offset_A=[opts.sigma_offset_A] * 2,
@@ -285,8 +302,6 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     sch = state.schedule
     ov = max(opts.oversampling, 0)
     sym_matrices = point_group_matrices(opts.symmetry)
-    with device.use():
-        mask = None if mask_h is None else xp.asarray(mask_h, dtype=real)
     for _ in range(opts.n_iter):
         if state.history and not final:
             if opts.auto_refine and sch.converged():
@@ -294,97 +309,39 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 break
             if opts.schedule:
                 r_acc = min(n // 2, state.r_star + state.incr_size)
-                sch.acc_rot_deg, sch.acc_trans_px = _accuracy(state, ctf, halves, optics, opts,
-                                                              device, r_acc, real)
+                sel = np.flatnonzero(halves == 1)[:ACCURACY_PARTICLES]
+                sch.acc_rot_deg, sch.acc_trans_px = accuracy(state.maps[0], ctf.take(sel), optics,
+                                                             state.eulers[sel], state.sigma2[0], r_max=r_acc,
+                                                             opts=opts, device=device,
+                                                             seed=len(state.history))
                 sch.update_sampling(ov=ov, angpix=apix, offset_change_A=state.offset_change_A,
                                     max_order=opts.max_order, auto_local_order=opts.auto_local_order)
-        if opts.perturb > 0:            # spec 3.7: rho += U(f/2, f), wrapped into [-f, f]
-            f = opts.perturb
-            rng = np.random.default_rng([opts.random_seed, len(state.history)])
-            state.perturb += rng.uniform(0.5 * f, f)
-            if state.perturb > f:
-                state.perturb -= 2 * f
-        sampling = Sampling(sch.order, sch.offset_range_px, sch.offset_step_px, symmetry=opts.symmetry,
-                            perturb=state.perturb)
-        eulers, shifts = sampling.eulers(), sampling.shifts
-        sigma_local = 2 * angular_step(sch.order + ov)
-        rotations = None if sch.local else euler_to_matrix(eulers)
+        state.perturb = next_perturbation(state.perturb, opts.perturb, seed=opts.random_seed,
+                                          iteration=len(state.history))
         if final:
             r_max = n // 2
-        elif state.high_fsc_at_limit and state.pmax.mean() > 0.1:
-            r_max = min(n // 2, state.r_star + relion_round(0.125 * n))
         else:
-            r_max = min(n // 2, state.r_star + state.incr_size)
-        c = min(n, 2 * r_max)
+            r_max = next_r_max(state.r_star, state.incr_size, n, high_fsc_at_limit=state.high_fsc_at_limit,
+                               mean_pmax=float(state.pmax.mean()))
         grid = PaddedGrid(n, opts.pad, r_max)
-        pix = HalfPlanePixels.of(c)
         old_eulers, old_shifts = state.eulers.copy(), state.shifts_px.copy()
         bar = None if progress is None else progress(m, f"iteration {len(state.history) + 1}")
         sums, stats = [], []
-        cc = c if sch.local or ov == 0 else coarse_size(n, apix, c, sch.order, diameter_A)
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
-            sig = state.sigma2[h - 1]
-            inv = inverse_sigma2_plane(sig, c)
+            found = expect_particles(images, ctf, optics, idx, state.maps[h - 1], state.sigma2[h - 1],
+                                     state.sigma_offset_A[h - 1], state.eulers[idx], state.shifts_px[idx],
+                                     schedule=sch, perturb=state.perturb, r_max=r_max, opts=opts, device=device,
+                                     bar=bar)
+            state.eulers[idx], state.shifts_px[idx] = found.eulers, found.shifts_px
+            state.pmax[idx], state.n_significant[idx] = found.pmax, found.n_significant
+            data, weight = found.data, found.weight
             with device.use():
-                vft = volume_to_ftc(xp.asarray(state.maps[h - 1], dtype=real), pad=opts.pad, r_max=r_max)
-                proj_c = proj = None
-                if not sch.local:
-                    proj_c = extract_slices(vft, xp.asarray(rotations), box_size=cc, pad=opts.pad,
-                                            r_padded=grid.r_padded)
-                    if cc == c:
-                        proj = proj_c
-                pix_c = HalfPlanePixels.of(cc)
-                noise_c = xp.asarray(inverse_sigma2_plane(sig, cc).ravel()[pix_c.index], dtype=real)
-                data = xp.zeros(grid.shape, dtype=cplx)
-                weight = xp.zeros(grid.shape, dtype=real)
-                noise_w = xp.asarray(inv.ravel()[pix.index], dtype=real)
-                inv_d = xp.asarray(inv, dtype=real)
-                batch_stats = []
-                for start_i in range(0, len(idx), opts.batch):
-                    sel = idx[start_i:start_i + opts.batch]
-                    if bar is not None:
-                        bar.update(len(sel))
-                    centre = np.rint(state.shifts_px[sel])
-                    x, (xm, xm_c) = _prepare_batch(images, sel, centre, mask, (c, cc), xp, real)
-                    ct_full = ctf_2d(optics, ctf.take(sel), xp=xp, dtype=real)
-                    ct = window_2d(ct_full, c)
-                    prior = offset_log_prior(centre, shifts, angpix=apix,
-                                             sigma_offset_A=state.sigma_offset_A[h - 1], xp=xp)[:, :, None]
-                    if sch.local:
-                        found = _local_batch(state, sel, vft, x, xm, ct, noise_w, pix, sampling, prior, sigma_local,
-                                             data, weight, inv_d, centre, opts=opts, grid=grid, box_size=n,
-                                             angpix=apix)
-                        state.eulers[sel], state.shifts_px[sel], state.pmax[sel], state.n_significant[sel] = found[:4]
-                        state.shifts_px[sel] += centre
-                        batch_stats.extend(found[4])
-                        continue
-                    ct_c = ct if cc == c else window_2d(ct_full, cc)
-                    e = expectation(proj_c, xm_c, ct_c, noise_c if cc < c else noise_w, shifts,
-                                    pix_c if cc < c else pix, box_size=n, log_prior=prior,
-                                    adaptive_fraction=opts.adaptive_fraction)
-                    if ov == 0:
-                        state.eulers[sel] = eulers[e.best_orientation]
-                        state.shifts_px[sel] = centre + shifts[e.best_shift]
-                        state.pmax[sel] = e.pmax
-                        state.n_significant[sel] = e.n_significant
-                        batch_stats.append(accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, shifts,
-                                                      box_size=n, pad=opts.pad, r_padded=grid.r_padded,
-                                                      projections=proj, angpix=apix, old_offsets_px=centre,
-                                                      noise_images=xm))
-                        continue
-                    found = fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, prior[:, :, 0],
-                                            data, weight, inv_d, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
-                                            adaptive_fraction=opts.adaptive_fraction, ov=ov, angpix=apix,
-                                            masked_images=xm, centres_px=centre)
-                    state.eulers[sel], state.shifts_px[sel], state.pmax[sel], state.n_significant[sel] = found[:4]
-                    state.shifts_px[sel] += centre
-                    batch_stats.extend(found[4])
                 hermitian_repair(data, weight)
                 if len(sym_matrices) > 1:
                     data, weight = symmetrise(data, weight, sym_matrices, grid.r_padded)
-                sums.append([data, weight])
-            stats.append(batch_stats)
+            sums.append([data, weight])
+            stats.append([found.noise])
         if bar is not None:
             bar.close()
         angle_change, offset_change = hidden_variable_changes(old_eulers, state.eulers, old_shifts, state.shifts_px,
@@ -414,10 +371,11 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         if not final:
             sch.record_changes(angle_change, offset_change, ov=ov, angpix=apix)
         state.last_sums, state.last_grid = host, grid
-        state.history.append({"r_max": r_max, "current_size": c, "fsc": curve.tolist(), "r_star": state.r_star,
+        state.history.append({"r_max": r_max, "current_size": found.current_size, "fsc": curve.tolist(),
+                              "r_star": state.r_star,
                               "resolution_A": n * apix / state.r_star, "ave_pmax": float(state.pmax.mean()),
                               "halves": spectra, "healpix_order": sch.order, "local": sch.local,
-                              "coarse_size": cc, "offset_range_px": sch.offset_range_px,
+                              "coarse_size": found.coarse_size, "offset_range_px": sch.offset_range_px,
                               "offset_step_px": sch.offset_step_px, "acc_rot_deg": sch.acc_rot_deg,
                               "acc_trans_A": sch.acc_trans_px * apix, "angle_change_deg": angle_change,
                               "offset_change_A": offset_change,
@@ -443,22 +401,162 @@ def _update_resolution(state: RefineState, curve, n: int) -> None:
     if limit >= 1 and curve[limit - 1] > 0.2:
         state.high_fsc_at_limit = True
 
+ACCURACY_PARTICLES = 100          # RELION's accuracy estimates use the first 100 particles of half 1
+SIGMA2_PARTICLES = 1000           # and its starting noise spectrum each half's first 1000
 
-def _accuracy(state, ctf, halves, optics, opts, device, r_max, real):
-    """5.4 on the first 100 particles of half 1, against half 1's map on the current window."""
+
+@dataclass
+class ParticleExpectation:
+    """One E-step over a set of particles of one half set: their sums (on the device), new poses
+    (aligned with the rows given), and the noise and offset sums of the M-step (summed dict, see
+    `maximization.accumulate`)."""
+
+    data: object
+    weight: object
+    eulers: np.ndarray
+    shifts_px: np.ndarray
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    noise: dict
+    current_size: int
+    coarse_size: int
+
+
+def sum_noise(parts) -> dict:
+    """The batches' (or shards') noise and offset sums added up (`accumulate`'s dicts)."""
+    parts = list(parts)
+    keys = ("sigma2_sum", "sigma2_count", "offset_sum", "gamma_sum")
+    out = {k: sum((np.asarray(d[k], dtype=np.float64) for d in parts), np.float64(0)) for k in keys}
+    out["offset_sum"], out["gamma_sum"] = float(out["offset_sum"]), float(out["gamma_sum"])
+    return out
+
+
+def next_r_max(r_star: int, incr_size: int, box_size: int, *, high_fsc_at_limit: bool = False,
+               mean_pmax: float = 0.0) -> int:
+    """The next iteration's current size / 2 (spec 4.4): r* + incr_size, or r* + N/8 once the FSC was
+    high at the edge and the poses are certain (<Pmax> > 0.1); at most Nyquist."""
+    if high_fsc_at_limit and mean_pmax > 0.1:
+        return min(box_size // 2, r_star + relion_round(0.125 * box_size))
+    return min(box_size // 2, r_star + incr_size)
+
+
+def next_perturbation(perturb: float, fraction: float, *, seed: int, iteration: int) -> float:
+    """Spec 3.7: the sampling grids' random perturbation rho += U(f/2, f), wrapped into [-f, f]
+    (seeded by `seed` and the number of iterations done; 0 when f is 0)."""
+    if fraction <= 0:
+        return perturb
+    rng = np.random.default_rng([seed, iteration])
+    perturb += rng.uniform(0.5 * fraction, fraction)
+    return perturb - 2 * fraction if perturb > fraction else perturb
+
+
+def expect_particles(images, ctf: CtfParams, optics: Optics, rows, volume, sigma2, sigma_offset_A: float, eulers,
+                     shifts_px, *, schedule: Schedule, perturb: float, r_max: int, opts: RefineOptions,
+                     device: Device = Device(), bar=None, apply_ctf: bool = True) -> ParticleExpectation:
+    """The E-step of particles `rows` of `images` (M, N, N) (one half set, or a shard of one) against
+    their half's map `volume`, with its noise spectrum `sigma2` and offset prior, at poses `eulers`
+    (P, 3) / `shifts_px` (P, 2) aligned with `rows`; the sampling of `schedule` perturbed by
+    `perturb`, the current size 2 r_max.
+
+    Each batch is recentred on its rounded offsets; global searches take the first pass on RELION's
+    coarse image size and the oversampled second pass on its significant points, local searches the
+    orientations within 3 sigma of each pose; the posterior-weighted back-projection with 1/sigma2
+    goes into new sums of the padded grid (float64 on the host, float32 on a GPU). apply_ctf False:
+    images without CTF (CTF 1)."""
+    rows = np.asarray(rows)
+    n, apix = images.shape[-1], optics.angpix
     xp = device.xp
+    real = np.float64 if device.gpu is None else np.float32
+    cplx = np.result_type(real, np.complex64)
+    ov = max(opts.oversampling, 0)
+    diameter_A = opts.particle_diameter_A or (n - 5) * apix
+    sampling = Sampling(schedule.order, schedule.offset_range_px, schedule.offset_step_px, symmetry=opts.symmetry,
+                        perturb=perturb)
+    all_eulers, shifts = sampling.eulers(), sampling.shifts
+    sigma_local = 2 * angular_step(schedule.order + ov)
+    c = min(n, 2 * r_max)
+    grid = PaddedGrid(n, opts.pad, r_max)
+    pix = HalfPlanePixels.of(c)
+    cc = c if schedule.local or ov == 0 else coarse_size(n, apix, c, schedule.order, diameter_A)
+    p = len(rows)
+    new_eulers, new_shifts = np.array(eulers, dtype=np.float64), np.array(shifts_px, dtype=np.float64)
+    pmax, n_sig = np.zeros(p), np.zeros(p, dtype=np.int64)
+    noise = []
+    inv = inverse_sigma2_plane(sigma2, c)
+    with device.use():
+        mask = (xp.asarray(circular_mask(n, diameter_A / (2 * apix), np), dtype=real) if opts.zero_mask
+                else None)
+        vft = volume_to_ftc(xp.asarray(volume, dtype=real), pad=opts.pad, r_max=r_max)
+        proj_c = proj = None
+        if not schedule.local:
+            proj_c = extract_slices(vft, xp.asarray(euler_to_matrix(all_eulers)), box_size=cc, pad=opts.pad,
+                                    r_padded=grid.r_padded)
+            if cc == c:
+                proj = proj_c
+        pix_c = HalfPlanePixels.of(cc)
+        noise_c = xp.asarray(inverse_sigma2_plane(sigma2, cc).ravel()[pix_c.index], dtype=real)
+        data = xp.zeros(grid.shape, dtype=cplx)
+        weight = xp.zeros(grid.shape, dtype=real)
+        noise_w = xp.asarray(inv.ravel()[pix.index], dtype=real)
+        inv_d = xp.asarray(inv, dtype=real)
+        for start in range(0, p, opts.batch):
+            at = slice(start, start + opts.batch)
+            sel = rows[at]
+            if bar is not None:
+                bar.update(len(sel))
+            centre = np.rint(new_shifts[at])
+            x, (xm, xm_c) = _prepare_batch(images, sel, centre, mask, (c, cc), xp, real)
+            ct_full = _ctf_plane(optics, ctf.take(sel), apply_ctf, xp, real)
+            ct = window_2d(ct_full, c)
+            prior = offset_log_prior(centre, shifts, angpix=apix, sigma_offset_A=sigma_offset_A, xp=xp)[:, :, None]
+            if schedule.local:
+                found = _local_batch(new_eulers[at], vft, x, xm, ct, noise_w, pix, sampling, prior, sigma_local,
+                                     data, weight, inv_d, centre, opts=opts, grid=grid, box_size=n, angpix=apix)
+            elif ov == 0:
+                e = expectation(proj_c, xm_c, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
+                                adaptive_fraction=opts.adaptive_fraction)
+                found = (all_eulers[e.best_orientation], shifts[e.best_shift], e.pmax, e.n_significant,
+                         [accumulate(data, weight, x, ct, inv_d, e.posterior, all_eulers, shifts, box_size=n,
+                                     pad=opts.pad, r_padded=grid.r_padded, projections=proj, angpix=apix,
+                                     old_offsets_px=centre, noise_images=xm)])
+            else:
+                ct_c = ct if cc == c else window_2d(ct_full, cc)
+                e = expectation(proj_c, xm_c, ct_c, noise_c if cc < c else noise_w, shifts, pix_c if cc < c else pix,
+                                box_size=n, log_prior=prior, adaptive_fraction=opts.adaptive_fraction)
+                found = fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, prior[:, :, 0], data, weight,
+                                        inv_d, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
+                                        adaptive_fraction=opts.adaptive_fraction, ov=ov, angpix=apix,
+                                        masked_images=xm, centres_px=centre)
+            new_eulers[at], new_shifts[at], pmax[at], n_sig[at] = found[:4]
+            new_shifts[at] += centre
+            noise.extend(found[4])
+    return ParticleExpectation(data, weight, new_eulers, new_shifts, pmax, n_sig, sum_noise(noise), c, cc)
+
+
+def _ctf_plane(optics: Optics, ctf: CtfParams, apply_ctf: bool, xp, real):
+    if apply_ctf:
+        return ctf_2d(optics, ctf, xp=xp, dtype=real)
+    n = optics.box_size
+    return xp.ones((len(ctf.defocus_u), n, n // 2 + 1), dtype=real)
+
+
+def accuracy(volume, ctf: CtfParams, optics: Optics, eulers, sigma2, *, r_max: int, opts: RefineOptions,
+             device: Device = Device(), seed: int = 0, apply_ctf: bool = True) -> tuple[float, float]:
+    """Spec 5.4: (acc_rot in degrees, acc_trans in pixels) of particles with CTFs `ctf` (RELION: the
+    first 100 of half 1) at poses `eulers` against `volume` (half 1's map), on the window of r_max,
+    with the noise spectrum `sigma2`; `seed` picks the axis moved per particle."""
+    xp = device.xp
+    real = np.float64 if device.gpu is None else np.float32
     n = optics.box_size
     c = min(n, 2 * r_max)
-    sel = np.flatnonzero(halves == 1)[:100]
     pix = HalfPlanePixels.of(c)
     grid = PaddedGrid(n, opts.pad, r_max)
     with device.use():
-        vft = volume_to_ftc(xp.asarray(state.maps[0], dtype=real), pad=opts.pad, r_max=r_max)
-        ct = window_2d(ctf_2d(optics, ctf.take(sel), xp=xp, dtype=real), c)
-        noise_w = xp.asarray(inverse_sigma2_plane(state.sigma2[0], c).ravel()[pix.index], dtype=real)
-        rng = np.random.default_rng(len(state.history))
-        return accuracy_estimates(vft, state.eulers[sel], ct, noise_w, pix, box_size=n, pad=opts.pad,
-                                  r_padded=grid.r_padded, rng=rng)
+        vft = volume_to_ftc(xp.asarray(volume, dtype=real), pad=opts.pad, r_max=r_max)
+        ct = window_2d(_ctf_plane(optics, ctf, apply_ctf, xp, real), c)
+        noise_w = xp.asarray(inverse_sigma2_plane(sigma2, c).ravel()[pix.index], dtype=real)
+        return accuracy_estimates(vft, np.asarray(eulers), ct, noise_w, pix, box_size=n, pad=opts.pad,
+                                  r_padded=grid.r_padded, rng=np.random.default_rng(seed))
 
 
 __all__ = ["RefineOptions", "RefineState", "initial_sigma2", "low_pass", "refine", "window_2d"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ pytest.importorskip("matplotlib", reason="pip install -e \".[workflow]\"")
 import yaml  # noqa: E402  (installed with snakemake)
 
 from omlrelion.io import h5
-from omlrelion.io.mrc import read_map
+from omlrelion.io.mrc import read_map, write_map
 from omlrelion.io.star import read_particles, read_star_table
 
 from .conftest import REPO, TEST_CONFIG, job_counts, planned_outputs, snakemake
@@ -95,6 +96,16 @@ def test_bad_input_stops_before_any_job(tmp_path):
     config["datasets"] = {"real": {"star": str(star)}}
     proc = snakemake(tmp_path, "-n", "--configfile", str(write_config(tmp_path, config)), check=False)
     assert proc.returncode != 0 and f"{star}:" in proc.stdout + proc.stderr and "stack.mrcs" in proc.stdout + proc.stderr
+    wrong_box = tmp_path / "data" / "ref40.mrc"
+    write_map(wrong_box, np.zeros((40, 40, 40), np.float32), 3.0)
+    search = {"pose_search_order": 1}
+    for refine, ref, message in (({}, wrong_box, "a reference map needs a pose search; set refine.pose_search_order"),
+                                 (search, wrong_box, f"{wrong_box}: map of 40x40x40 px, the particles of dataset tiny"),
+                                 (search, tmp_path / "none.mrc", f"{tmp_path / 'none.mrc'}: map not found")):
+        config = tiny_config(refine=refine)
+        config["datasets"]["tiny"]["reference"] = str(ref)
+        proc = snakemake(tmp_path, "-n", "--configfile", str(write_config(tmp_path, config)), check=False)
+        assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "results").exists()
 
 
@@ -206,14 +217,19 @@ def test_report(tiny_run):
         assert name in html, name
 
 
-def test_pose_search_finds_the_simulated_poses(tmp_path):
-    """refine.pose_search_order: from iteration 2 each shard searches every particle's pose against
-    its half map (global HEALPix order 1 with the oversampled pass); the poses written come back
-    near the simulated ones and the run still reaches the test's resolution bound."""
+def test_pose_search_follows_the_refinement_schedule(tmp_path):
+    """refine.pose_search_order with until_converged: from iteration 2 each shard searches every
+    particle's pose against its half map (the refinement engine's E-step), with the sampling that
+    the previous iteration's `sampling` job chose: global HEALPix order 1 first, then, once an
+    iteration gains no resolution and moves no poses much, order 2 with local searches and finer
+    offsets (auto_local_order 2). The poses written come back near the simulated ones, the noise
+    spectra and offset priors are re-estimated each iteration, and the run reaches the test's
+    resolution bound."""
     from omlrelion.geometry.euler import euler_to_matrix
 
-    config = write_config(tmp_path, tiny_config(refine={"pose_search_order": 1, "offset_range_px": 1.0,
-                                                        "offset_step_px": 1.0}))
+    refine = {"pose_search_order": 1, "offset_range_px": 2.0, "offset_step_px": 1.0, "auto_local_order": 2,
+              "max_healpix_order": 2, "until_converged": True, "max_iterations": 5}
+    config = write_config(tmp_path, tiny_config(refine=refine))
     snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
     truth = read_particles(tmp_path / "results/tiny/input/particles.star")
     found = read_particles(tmp_path / RUN / "final/run_data.star")
@@ -221,5 +237,47 @@ def test_pose_search_finds_the_simulated_poses(tmp_path):
     cos = (np.einsum("mij,mij->m", euler_to_matrix(found.eulers_deg), euler_to_matrix(truth.eulers_deg)) - 1) / 2
     errors = np.degrees(np.arccos(np.clip(cos, -1, 1)))
     assert np.median(errors) < 15.0 and np.any(errors > 0.5)      # searched (not the input), and near it
+    models = sorted((tmp_path / RUN).glob("it*/model.json"))
+    final = json.loads(models[-1].read_text())
+    assert final["final"] and len(models) <= 5
+    samplings = [json.loads(p.read_text()) for p in sorted((tmp_path / RUN).glob("it*/sampling.json"))]
+    assert [s["iteration"] for s in samplings] == list(range(2, len(models) + 1))
+    orders = [(s["schedule"]["order"], s["schedule"]["local"]) for s in samplings]
+    assert orders[0] == (1, False) and (2, True) in orders, orders
+    sigma2 = [json.loads(p.read_text())["search"]["sigma2"][0] for p in models]
+    assert all(np.all(np.asarray(s) > 0) for s in sigma2) and sigma2[1] != sigma2[2]
+    summary = json.loads((tmp_path / RUN / "summary.json").read_text())
+    assert summary["resolution_A"] <= 15.0
+
+
+def test_refinement_from_a_reference_map(tmp_path):
+    """datasets.<name>.reference: a refinement from scratch, as relion_refine --ref. The STAR file's
+    poses are all zero; start/ holds the reference low-passed to ini_high_A as both halves' map, each
+    half's starting noise spectrum and the first sampling, and iteration 1 already searches every
+    pose globally. The poses found come back near the simulated ones."""
+    from omlrelion.geometry.euler import euler_to_matrix
+    from omlrelion.io.star import write_particles
+    from omlrelion.pipeline.simulate import SimulateParams, simulate
+
+    (tmp_path / "data").mkdir()
+    simulate("phantom", tmp_path / "data" / "particles",
+             SimulateParams(n_particles=600, box_size=32, angpix=3.0, snr=0.5, shift_max_px=1.0, defocus_min=8000,
+                            defocus_max=20000), seed=3)
+    truth = read_particles(tmp_path / "data" / "particles.star")
+    zero = replace(truth, eulers_deg=np.zeros_like(truth.eulers_deg), shifts_px=np.zeros_like(truth.shifts_px))
+    write_particles(tmp_path / "data" / "zeroed.star", zero)
+    config = tiny_config(refine={"pose_search_order": 1, "offset_range_px": 2.0, "offset_step_px": 1.0,
+                                 "ini_high_A": 20.0, "iterations": 3})
+    config["datasets"] = {"tiny": {"star": "data/zeroed.star", "reference": "data/particles_phantom.mrc"}}
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(write_config(tmp_path, config)))
+    start = json.loads((tmp_path / RUN / "start/model.json").read_text())
+    assert start["iteration"] == 0 and start["r_star"] == 5 and start["next_r_max"] == 15
+    first = json.loads((tmp_path / RUN / "it001/model.json").read_text())
+    assert first["search"]["angle_change_deg"] > 10        # iteration 1 searched (from the zero poses)
+    found = read_particles(tmp_path / RUN / "final/run_data.star")
+    cos = (np.einsum("mij,mij->m", euler_to_matrix(found.eulers_deg), euler_to_matrix(truth.eulers_deg)) - 1) / 2
+    errors = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+    assert np.median(errors) < 15.0, np.median(errors)
+    assert np.median(np.linalg.norm(found.shifts_px - truth.shifts_px, axis=1)) < 1.0
     summary = json.loads((tmp_path / RUN / "summary.json").read_text())
     assert summary["resolution_A"] <= 15.0

@@ -93,14 +93,14 @@ def test_input_checks_name_key_and_file(sim, tmp_path):
         wf.check_shards(400, 600, "dataset demo")
 
 
-def _iteration(store, folder, it, opts, model_in=None, reference=None):
+def _iteration(store, folder, it, opts, model_in=None, reference=None, sampling_in=None):
     for half in (1, 2):
         shards = []
         for shard in (1, 2):
             kw = {}
             if it > 1:
                 kw = {"poses_in": folder / f"it{it - 1}_poses_{half}_{shard}.h5", "model_in": model_in,
-                      "reference": reference[half]}
+                      "reference": reference[half], "sampling_in": sampling_in}
             wf.expectation_shard(store, folder / f"it{it}_sums_{half}_{shard}.h5", folder / f"it{it}_poses_{half}_{shard}.h5",
                                  half=half, shard=shard, iteration=it, opts=opts, **kw)
             shards.append(folder / f"it{it}_sums_{half}_{shard}.h5")
@@ -226,3 +226,113 @@ def test_reconstruction_jobs_on_several_devices_give_the_one_device_maps(sim, tm
         maps[n] = [read_map(tmp_path / f"{kind}_{n}.mrc")[0].astype(np.float64) for kind in ("half", "unfil", "joined")]
     for one, three in zip(maps[1], maps[3]):
         assert np.linalg.norm(three - one) / np.linalg.norm(one) < 1e-5      # float32 files of float64 maps
+
+
+SEARCH = {"pose_search_order": 1, "offset_range_px": 1.0, "offset_step_px": 1.0, "auto_local_order": 2,
+          "max_healpix_order": 3, "sampling_schedule": True, "oversampling": 1, "particle_diameter_A": None,
+          "sigma_offset_A": 10.0, "zero_mask": True, "perturb": 0.5, "seed": 0}
+
+
+def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
+    """With a pose search, iteration 1 sums each half's starting noise spectrum over its shards (equal
+    to the engine's `initial_sigma2` of the half's first images, masked), and iteration 2's shard
+    jobs together make the refinement engine's E-step of the whole half set (`expect_particles`):
+    the same poses and, added up, the same Fourier and noise sums. The model then holds the engine's
+    M-step updates (sigma2, sigma_offset); the sampling job estimates the accuracy and moves the
+    perturbation on."""
+    from omlrelion.fourier.layout import rfft2_centred
+    from omlrelion.refine.autorefine import circular_mask, expect_particles, initial_sigma2
+    from omlrelion.refine.maximization import update_sigma2, update_sigma_offset
+    from omlrelion.refine.schedule import Schedule
+
+    store = tmp_path / "p.h5"
+    wf.preprocess(sim, store, opts=PRE)
+    schedule = {"iterations": 3, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 20.0,
+                "incr_size": 4}
+    search = {"search": SEARCH, "symmetry": "C1"}
+    opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "double", "compression": COMPRESSION, **search,
+            "first": wf.first_iteration(schedule)}
+
+    def model_opts(it):
+        return {"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, it), **search}
+
+    _iteration(store, tmp_path, 1, opts)
+    m1 = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
+                         opts=model_opts(1))
+    columns = ("half", "eulers_deg", "shifts_px", "optics_group", "defocus_u", "defocus_v", "defocus_angle_deg",
+               "phase_shift_deg", "ctf_bfactor", "ctf_scale")
+    with h5.ParticleStore(store) as st:
+        col = {c: st.column(c) for c in columns}
+        n, optics = st.box_size, st.optics[0]
+        images = st.read_images(np.arange(st.n_particles))
+        ctf = wf._ctf_params(st, np.arange(st.n_particles), col)
+    mask = circular_mask(n, (n - 5) / 2, np)
+    for h in (1, 2):
+        expected = initial_sigma2(rfft2_centred(images[col["half"] == h].astype(np.float64) * mask))
+        np.testing.assert_allclose(m1["search"]["sigma2"][h - 1], expected, rtol=1e-9)
+    assert m1["search"]["schedule"]["order"] == 1 and not m1["search"]["converged"]
+    rec = {"tau2_fudge": 1.0, "gridding_iterations": 0, "compression": COMPRESSION}
+    refs = {h: tmp_path / f"half{h}.h5" for h in (1, 2)}
+    for h in (1, 2):
+        wf.reconstruct_half(tmp_path / f"it1_sums_{h}.h5", tmp_path / "m1.json", refs[h], tmp_path / f"h{h}.mrc",
+                            tmp_path / f"h{h}_model.star", half=h, iteration=1, opts=rec)
+    sampling_opts = {"pad": 2.0, "ctf": True, **search}
+    s1 = wf.next_sampling(store, tmp_path / "m1.json", refs[1], [tmp_path / "it1_poses_1_1.h5", tmp_path / "it1_poses_1_2.h5"],
+                          tmp_path / "s1.json", iteration=1, opts=sampling_opts)
+    assert s1["iteration"] == 2 and s1["schedule"]["order"] == 1 and 0 < s1["schedule"]["acc_rot_deg"] <= 30
+    assert 0.25 <= abs(s1["perturb"]) <= 0.5
+    opts.pop("first")
+    _iteration(store, tmp_path, 2, opts, model_in=tmp_path / "m1.json", reference=refs, sampling_in=tmp_path / "s1.json")
+
+    ropts = wf.search_options(SEARCH, pad=2.0, symmetry="C1")
+    engine = {}
+    for h in (1, 2):
+        rows = np.flatnonzero(col["half"] == h)
+        volume, _ = h5.read_volume(refs[h])
+        found = expect_particles(images, ctf, optics, rows, volume, m1["search"]["sigma2"][h - 1],
+                                 m1["search"]["sigma_offset_A"][h - 1], col["eulers_deg"][rows], col["shifts_px"][rows],
+                                 schedule=Schedule(**s1["schedule"]), perturb=s1["perturb"], r_max=m1["next_r_max"],
+                                 opts=ropts)
+        engine[h] = found
+        tables = [h5.read_table(tmp_path / f"it2_poses_{h}_{s}.h5")[0] for s in (1, 2)]
+        index = np.concatenate([t["index"] for t in tables])
+        at = np.searchsorted(rows, index)
+        np.testing.assert_array_equal(np.concatenate([t["eulers_deg"] for t in tables]), found.eulers[at])
+        np.testing.assert_allclose(np.concatenate([t["shifts_px"] for t in tables]), found.shifts_px[at], atol=1e-12)
+        np.testing.assert_allclose(np.concatenate([t["score"] for t in tables]), found.pmax[at], rtol=1e-9)
+        shards = [h5.read_sums(tmp_path / f"it2_sums_{h}_{s}.h5") for s in (1, 2)]
+        data, weight = shards[0][0] + shards[1][0], shards[0][1] + shards[1][1]
+        np.testing.assert_allclose(data, found.data, rtol=1e-9, atol=1e-9 * np.abs(found.data).max())
+        np.testing.assert_allclose(weight, found.weight, rtol=1e-9, atol=1e-9 * found.weight.max())
+        noise = h5.read_noise(tmp_path / f"it2_sums_{h}.h5")
+        for key in ("sigma2_sum", "sigma2_count", "offset_sum", "gamma_sum"):
+            np.testing.assert_allclose(noise[key], found.noise[key], rtol=1e-9)
+    poses = lambda it, halves=(1, 2): [tmp_path / f"it{it}_poses_{h}_{s}.h5" for h in halves for s in (1, 2)]  # noqa: E731
+    m2 = wf.model_update(tmp_path / "it2_sums_1.h5", tmp_path / "it2_sums_2.h5", tmp_path / "m2.json", iteration=2,
+                         opts=model_opts(2), prev_model=tmp_path / "m1.json", poses=poses(2), prev_poses=poses(1),
+                         prev_sampling=tmp_path / "s1.json")
+    for h in (1, 2):
+        np.testing.assert_allclose(m2["search"]["sigma2"][h - 1],
+                                   update_sigma2(m1["search"]["sigma2"][h - 1], [engine[h].noise]), rtol=1e-9)
+        assert m2["search"]["sigma_offset_A"][h - 1] == pytest.approx(update_sigma_offset([engine[h].noise]), rel=1e-9)
+    assert m2["search"]["angle_change_deg"] > 0 and 0 < m2["search"]["mean_pmax"] <= 1
+    assert m2["search"]["schedule"]["smallest_angle_change"] == pytest.approx(m2["search"]["angle_change_deg"])
+    missing = tmp_path / "half1_it2.h5"     # iteration 3 is the final one: no accuracy, no new sampling
+    s2 = wf.next_sampling(store, tmp_path / "m2.json", missing, poses(2, (1,)), tmp_path / "s2.json", iteration=2,
+                          opts=sampling_opts)
+    assert s2["iteration"] == 3 and s2["schedule"] == m2["search"]["schedule"] and s2["perturb"] != s1["perturb"]
+    # RELION's convergence (spec 5.7): fine enough sampling, no resolution gain, no large pose changes
+    converge = {"until_converged": True, "max_iterations": 9, "initial_resolution_A": 20.0, "incr_size": 4,
+                "iterations": 3}
+    no_gain = {**m1, "current_resolution_inv_A": 1.0, "next_is_final": False}
+    (tmp_path / "m1_no_gain.json").write_text(json.dumps(no_gain))
+    for fine_enough in (False, True):
+        sampled = {**s1, "schedule": {**s1["schedule"], "fine_enough": fine_enough, "smallest_angle_change": 0.0,
+                                      "smallest_offset_change": 0.0}}
+        (tmp_path / "s1_fine.json").write_text(json.dumps(sampled))
+        m = wf.model_update(tmp_path / "it2_sums_1.h5", tmp_path / "it2_sums_2.h5", tmp_path / "m2c.json", iteration=2,
+                            opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(converge, 2), **search},
+                            prev_model=tmp_path / "m1_no_gain.json", poses=poses(2), prev_poses=poses(1),
+                            prev_sampling=tmp_path / "s1_fine.json")
+        assert m["iterations_without_resolution_gain"] == 1
+        assert m["converged"] == m["next_is_final"] == fine_enough
