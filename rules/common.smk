@@ -254,6 +254,16 @@ def reconstruct_opts(wc):
 
 
 @sorted_params
+def half_map_opts(wc):
+    """reconstruct_opts and, with refine.flatten_solvent, the particle diameter of the soft sphere."""
+    rc = run_config(wc.pset)
+    opts = reconstruct_opts(wc)
+    if rc["refine"]["flatten_solvent"]:
+        opts["flatten_solvent"] = {"particle_diameter_A": rc["refine"]["particle_diameter_A"]}
+    return opts
+
+
+@sorted_params
 def postprocess_opts(wc):
     return run_config(wc.pset)["postprocess"]
 
@@ -303,6 +313,8 @@ def model_inputs(wc):
             inputs.update(poses=shard_poses(wc, it),
                           prev_poses=shard_poses(wc, it - 1) if it > 1 else start_poses(wc),
                           prev_sampling=join(prev, "sampling.json"))
+    elif pose_search(wc.pset):
+        inputs["store"] = STORE.format(dataset=wc.dataset)  # the starting noise spectra
     return inputs
 
 

@@ -28,7 +28,7 @@ rule reconstruct_half:
         mrc=join(IT, "run_it{it}_half{half}_class001.mrc"),
         model_star=join(IT, "run_it{it}_half{half}_model.star"),
     params:
-        opts=reconstruct_opts,
+        opts=half_map_opts,
     log:
         join(RUN, "logs/it{it}/reconstruct_half{half}.log"),
     benchmark:

@@ -73,11 +73,10 @@ from omlrelion.refine.autorefine import (
     circular_mask,
     expect_particles,
     initial_sigma2,
-    initial_sigma2_from_sums,
     low_pass,
     next_perturbation,
     next_r_max,
-    power_sums,
+    solvent_flatten,
     sum_noise,
 )
 from omlrelion.refine.maximization import update_sigma2, update_sigma_offset
@@ -403,17 +402,15 @@ def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sa
     return data, weight, eulers, shifts, pmax, n_sig, sum_noise(noise)
 
 
-def _power_sums_shard(store, index, columns, *, half: int, ropts: RefineOptions) -> dict:
-    """Iteration 1 of a pose-search run: the starting noise spectrum's sums (`power_sums`) over this
-    shard's share of the half set's first 1000 particles (RELION's, spec 5.9)."""
+def starting_sigma2(store, *, half: int, ropts: RefineOptions) -> np.ndarray:
+    """A half set's starting noise spectrum (spec 5.9, `initial_sigma2`) from its first 1000
+    particles of the store, masked to the particle diameter with `zero_mask` (as `refine()`)."""
     n = store.box_size
-    first = np.flatnonzero(columns["half"] == half)[:SIGMA2_PARTICLES]
-    mine = index[np.isin(index, first)]
-    images = store.read_images(mine).astype(np.float64) if mine.size else np.zeros((0, n, n))
+    images = store.read_images(np.flatnonzero(store.column("half") == half)[:SIGMA2_PARTICLES]).astype(np.float64)
     if ropts.zero_mask:
         diameter_A = ropts.particle_diameter_A or (n - 5) * store.angpix
         images = images * circular_mask(n, diameter_A / (2 * store.angpix), np)
-    return power_sums(rfft2_centred(images))
+    return initial_sigma2(rfft2_centred(images))
 
 
 def initial_model(store_path, reference_path, out_model, out_sampling, out_volumes, out_poses, *, opts: dict) -> dict:
@@ -436,14 +433,7 @@ def initial_model(store_path, reference_path, out_model, out_sampling, out_volum
             raise InputError(f"{reference_path}: the map holds NaN or Inf values")
         half, shard = store.column("half"), store.column("shard")
         eulers, shifts = store.column("eulers_deg"), store.column("shifts_px")
-        mask = None
-        if ropts.zero_mask:
-            diameter_A = ropts.particle_diameter_A or (box - 5) * angpix
-            mask = circular_mask(box, diameter_A / (2 * angpix), np)
-        sigma2 = []
-        for h in (1, 2):
-            first = store.read_images(np.flatnonzero(half == h)[:SIGMA2_PARTICLES]).astype(np.float64)
-            sigma2.append(initial_sigma2(rfft2_centred(first if mask is None else first * mask)).tolist())
+        sigma2 = [starting_sigma2(store, half=h, ropts=ropts).tolist() for h in (1, 2)]
     start = low_pass(volume.astype(np.float64), angpix=angpix, resolution_A=float(opts["ini_high_A"])).astype(np.float32)
     compression = _compression(opts["compression"])
     for h, path in zip((1, 2), out_volumes):
@@ -506,10 +496,10 @@ def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int,
     file, model.json and half map of the previous iteration (iteration >= 2); sampling_in: the
     previous iteration's sampling.json (pose search).
 
-    Without a pose search the poses are kept (the STAR file's, then the previous iteration's) and
-    each particle is scored against the reference (normalised cross-correlation). With one, every
-    iteration after the first is the refinement engine's E-step of this shard (`_search_shard`), and
-    iteration 1 also sums what the starting noise spectrum needs (`_power_sums_shard`).
+    Without a pose search, or in iteration 1 of a search without a reference map, the poses are
+    kept (the STAR file's, then the previous iteration's) and each particle is scored against the
+    reference (normalised cross-correlation). Otherwise the job is the refinement engine's E-step of
+    this shard (`_search_shard`).
     """
     t0 = time.perf_counter()
     dtype = _dtype(opts["precision"])
@@ -542,8 +532,8 @@ def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int,
                                                           "iteration": iteration - 1})
         scores = np.full(len(index), np.nan)
         n_significant = noise = None
-        ropts = None if search is None else search_options(search, pad=grid.pad, symmetry=opts["symmetry"])
         if search is not None and volume is not None:
+            ropts = search_options(search, pad=grid.pad, symmetry=opts["symmetry"])
             sampling = _read_json(sampling_in)
             if int(sampling["iteration"]) != iteration:
                 raise InputError(f"{sampling_in}: the sampling of iteration {sampling['iteration']}, "
@@ -552,8 +542,6 @@ def expectation_shard(store_path, out_sums, out_poses, *, half: int, shard: int,
                 store, index, columns, volume, eulers, shifts, model, sampling, half=half, r_max=r_max, ropts=ropts,
                 apply_ctf=bool(opts["ctf"]), device=device)
         else:
-            if search is not None:
-                noise = _power_sums_shard(store, index, columns, half=half, ropts=ropts)
             with device.use():
                 ref_ftc = (None if volume is None
                            else volume_to_ftc(device.put(volume.astype(dtype)), pad=grid.pad, r_max=r_max))
@@ -639,21 +627,26 @@ def _read_poses(paths, iteration: int):
 
 
 def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str, final: bool, gain: bool, curve,
-                   prev: dict | None, angpix: float, poses=(), prev_poses=(), prev_sampling=None) -> dict:
+                   prev: dict | None, angpix: float, poses=(), prev_poses=(), prev_sampling=None,
+                   store_path=None) -> dict:
     """The pose search's part of the model (RELION's M-step and schedule, spec 4.5, 5.2, 5.6): each
-    half's noise spectrum and offset prior from its merged noise sums (iteration 1: the starting
-    spectrum of its first 1000 particles), the mean angle and offset changes against the previous
-    iteration, the no-gain and no-large-change counters, and whether the FSC was high at the edge."""
-    noise = [h5.read_noise(sums1), h5.read_noise(sums2)]
+    half's noise spectrum and offset prior from its merged noise sums (after iteration 1 of a run
+    without a reference map, which searched nothing: the starting spectrum of the half's first 1000
+    particles in `store_path`), the mean angle and offset changes against the previous iteration,
+    the no-gain and no-large-change counters, and whether the FSC was high at the edge."""
     ov = int(search["oversampling"])
     if prev is None:
+        ropts = search_options(search, pad=2.0, symmetry=symmetry)
+        with h5.ParticleStore(store_path) as store:
+            sigma2 = [starting_sigma2(store, half=h, ropts=ropts).tolist() for h in (1, 2)]
         order = int(search["pose_search_order"])
         schedule = Schedule(order, float(search["offset_range_px"]), float(search["offset_step_px"]),
                             local=order >= int(search["auto_local_order"]))
-        out = {"sigma2": [initial_sigma2_from_sums(n).tolist() for n in noise],
+        out = {"sigma2": sigma2,
                "sigma_offset_A": [float(search["sigma_offset_A"])] * 2, "perturb": 0.0, "angle_change_deg": None,
                "offset_change_A": 0.0, "mean_pmax": None, "high_fsc_at_limit": False}
     else:
+        noise = [h5.read_noise(sums1), h5.read_noise(sums2)]
         sampling = _read_json(prev_sampling)
         schedule = Schedule(**sampling["schedule"])
         index, eulers, shifts, pmax = _read_poses(poses, iteration)
@@ -678,13 +671,13 @@ def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str,
 
 
 def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_model=None, poses=(), prev_poses=(),
-                 prev_sampling=None) -> dict:
+                 prev_sampling=None, store=None) -> dict:
     """Gold-standard FSC of the halves' sums and the schedule: resolution, next r_max, final/converged.
 
     opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...); with a
     pose search also `search` and `symmetry`, and then poses / prev_poses (this and the previous
-    iteration's poses files) and prev_sampling (the previous iteration's sampling.json) from
-    iteration 2 on. Without a pose search the run has converged after an iteration without
+    iteration's poses files) and prev_sampling (the previous iteration's sampling.json) after a
+    search, or the particle `store` (starting noise spectra) after iteration 1 without a reference. Without a pose search the run has converged after an iteration without
     resolution gain; with one, by RELION's test (`Schedule.converged`).
     """
     d1, w1, a1 = h5.read_sums(sums1, expect={"iteration": iteration, "half": 1})
@@ -706,7 +699,7 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
     if opts.get("search"):
         search = _search_update(sums1, sums2, iteration=iteration, search=opts["search"], symmetry=opts["symmetry"],
                                 final=final, gain=gain, curve=curve, prev=prev, angpix=angpix, poses=poses,
-                                prev_poses=prev_poses, prev_sampling=prev_sampling)
+                                prev_poses=prev_poses, prev_sampling=prev_sampling, store_path=store)
         converged = search["converged"]
     else:
         converged = no_gain >= 1
@@ -812,7 +805,9 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
                      opts: dict, devices: list[Device] | None = None) -> dict:
     """The half map of one iteration: MAP reconstruction with tau2 from the halves' FSC (spec 4.4).
 
-    opts: tau2_fudge, gridding_iterations, compression.
+    opts: tau2_fudge, gridding_iterations, compression, and flatten_solvent ({particle_diameter_A}:
+    the map times a soft sphere of that diameter, (N - 5) px when null, unless the iteration is the
+    final one; RELION --flatten_solvent).
     """
     t0 = time.perf_counter()
     model = _read_json(model_json)
@@ -821,6 +816,9 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
     tau2, sigma2, ssnr = tau2_from_fsc(weight, model["fsc"], grid=grid, whole_data=False, fudge=opts["tau2_fudge"])
     devices = devices or [Device()]
     volume = _reconstruct(data, weight, grid, opts, devices, tau2=tau2)
+    if opts.get("flatten_solvent") and not model["final"]:
+        diameter_A = opts["flatten_solvent"]["particle_diameter_A"] or (grid.box_size - 5) * float(attrs["angpix"])
+        volume = solvent_flatten(volume, diameter_A / (2 * float(attrs["angpix"])))
     out = {"box_size": grid.box_size, "angpix": float(attrs["angpix"]), "pad": grid.pad, "r_max": grid.r_max,
            "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]})}
     h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))

@@ -118,41 +118,21 @@ def window_2d(a_ft, c: int):
     return a_ft[..., rows, :c // 2 + 1]
 
 
-def power_sums(images_ft) -> dict:
-    """What the starting noise spectrum needs of a set of images (corner-layout transforms (P, n,
-    n//2+1)), as sums that add up over sets: per shell sum |F|^2 over images and pixels, the sum of
-    the transforms, and the number of images."""
+def initial_sigma2(images_ft) -> np.ndarray:
+    """Per-shell noise power (spec 5.9): mean |F|^2 / 2 - |mean F|^2 / 2 (negative values: previous shell)."""
     n = images_ft.shape[-2]
     shells = shell_index(n).ravel()
     n_shells = n // 2 + 1
     keep = shells < n_shells
-    power = np.sum(np.abs(images_ft) ** 2, axis=0).ravel()
-    return {"power_sum": np.bincount(shells[keep], weights=power[keep], minlength=n_shells),
-            "image_sum": np.sum(images_ft, axis=0), "count": np.float64(len(images_ft))}
-
-
-def initial_sigma2_from_sums(sums: dict) -> np.ndarray:
-    """Per-shell noise power (spec 5.9) from `power_sums` (added up over sets): mean |F|^2 / 2 -
-    |mean F|^2 / 2 per pixel of the shell (values <= 0 take the previous shell's)."""
-    image_sum = np.asarray(sums["image_sum"])
-    n = image_sum.shape[-2]
-    shells = shell_index(n).ravel()
-    n_shells = n // 2 + 1
-    keep = shells < n_shells
-    count = float(sums["count"])
-    mean_power = (np.abs(image_sum) ** 2).ravel() / count**2
-    pixels = np.bincount(shells[keep], minlength=n_shells)
-    s = (np.asarray(sums["power_sum"]) / count
-         - np.bincount(shells[keep], weights=mean_power[keep], minlength=n_shells)) / (2 * np.maximum(pixels, 1))
+    power = np.mean(np.abs(images_ft) ** 2, axis=0).ravel()
+    mean_power = np.abs(images_ft.mean(axis=0)).ravel() ** 2
+    count = np.bincount(shells[keep], minlength=n_shells)
+    s = (np.bincount(shells[keep], weights=power[keep], minlength=n_shells)
+         - np.bincount(shells[keep], weights=mean_power[keep], minlength=n_shells)) / (2 * np.maximum(count, 1))
     for r in range(len(s)):
         if s[r] <= 0:
             s[r] = s[r - 1] if r > 0 else s[s > 0].min()
     return s
-
-
-def initial_sigma2(images_ft) -> np.ndarray:
-    """Per-shell noise power (spec 5.9) of a set of image transforms (`initial_sigma2_from_sums`)."""
-    return initial_sigma2_from_sums(power_sums(images_ft))
 
 
 def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:

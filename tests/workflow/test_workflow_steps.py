@@ -127,6 +127,15 @@ def test_two_iterations_schedule_scores_and_fsc(sim, tmp_path):
         wf.reconstruct_half(tmp_path / f"it1_sums_{half}.h5", tmp_path / "m1.json", refs[half],
                             tmp_path / f"run_it001_half{half}_class001.mrc", tmp_path / f"h{half}_model.star",
                             half=half, iteration=1, opts=rec)
+    # refine.flatten_solvent: the same map times a soft sphere of the particle diameter (24 px - 5 here)
+    flat = {**rec, "flatten_solvent": {"particle_diameter_A": None}}
+    wf.reconstruct_half(tmp_path / "it1_sums_1.h5", tmp_path / "m1.json", tmp_path / "flat.h5", tmp_path / "flat.mrc",
+                        tmp_path / "flat_model.star", half=1, iteration=1, opts=flat)
+    plain, flattened = h5.read_volume(refs[1])[0], h5.read_volume(tmp_path / "flat.h5")[0]
+    z, y, x = np.mgrid[:24, :24, :24] - 12
+    r = np.sqrt(x * x + y * y + z * z)
+    assert np.allclose(flattened[r <= 9.5], plain[r <= 9.5]) and not flattened[r >= 14.5].any()
+    assert np.abs(plain[r >= 14.5]).max() > 0
     opts.pop("first")
     _iteration(store, tmp_path, 2, opts, model_in=tmp_path / "m1.json", reference=refs)
     poses, attrs = h5.read_table(tmp_path / "it2_poses_1_1.h5")
@@ -234,9 +243,9 @@ SEARCH = {"pose_search_order": 1, "offset_range_px": 1.0, "offset_step_px": 1.0,
 
 
 def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
-    """With a pose search, iteration 1 sums each half's starting noise spectrum over its shards (equal
-    to the engine's `initial_sigma2` of the half's first images, masked), and iteration 2's shard
-    jobs together make the refinement engine's E-step of the whole half set (`expect_particles`):
+    """With a pose search from the input poses, model_update of iteration 1 starts each half's noise
+    spectrum as the engine does (`initial_sigma2` of its first images, masked), and iteration 2's
+    shard jobs together make the refinement engine's E-step of the whole half set (`expect_particles`):
     the same poses and, added up, the same Fourier and noise sums. The model then holds the engine's
     M-step updates (sigma2, sigma_offset); the sampling job estimates the accuracy and moves the
     perturbation on."""
@@ -258,7 +267,7 @@ def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
 
     _iteration(store, tmp_path, 1, opts)
     m1 = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
-                         opts=model_opts(1))
+                         opts=model_opts(1), store=store)
     columns = ("half", "eulers_deg", "shifts_px", "optics_group", "defocus_u", "defocus_v", "defocus_angle_deg",
                "phase_shift_deg", "ctf_bfactor", "ctf_scale")
     with h5.ParticleStore(store) as st:
