@@ -3,24 +3,31 @@
 Data flow of one run (dataset x parameter set), iteration i = 1..F:
 
     STAR + stacks --preprocess--> particle store (h5: images, CTF, poses, half, shard)
-    expectation_shard(half h, shard s, i)  -> sums_h{h}_s{s}.h5 (padded data + weight), poses_h{h}_s{s}.h5
+    initial_model (with a reference map)   -> start/: both halves' reference, noise spectra, sampling, poses
+    expectation_shard(half h, shard s, i)  -> sums_h{h}_s{s}.h5 (padded data + weight, noise sums),
+                                              poses_h{h}_s{s}.h5
     merge_sums(h, i)                       -> sums_h{h}.h5 (shards added, Hermitian-repaired, symmetrised)
     model_update(i)                        -> model.json (gold-standard FSC from the two halves' sums,
-                                              resolution, next r_max, final/converged flags)
+                                              resolution, next r_max, final/converged flags; with a pose
+                                              search sigma2, sigma_offset, pose changes, RELION's counters)
     reconstruct_half(h, i)                 -> half map (h5 + RELION-named MRC), MAP with tau2 from the FSC
+    next_sampling(i) (pose search)         -> sampling.json: the sampling of iteration i + 1
     final iteration F: reconstruct_unfil(h) and reconstruct_joined -> run_half{h}_class001_unfil.mrc,
                                               run_class001.mrc; postprocess, export_particles, run_summary
 
-Pose search is not implemented yet: the expectation keeps each particle's current pose (from the
-STAR file at iteration 1, then from the previous iteration's poses file of its shard) and
-back-projects its shard. From iteration 2 on it also receives its half's previous map and scores
-every particle against it at its current pose (normalised cross-correlation, `score` in the poses
-file): the inputs and outputs are those a pose search needs, so it replaces this step in place.
+Without a pose search the expectation keeps each particle's current pose (from the STAR file at
+iteration 1, then from the previous iteration's poses file of its shard), back-projects its shard
+and scores every particle against its half's previous map at that pose (normalised
+cross-correlation, `score` in the poses file). With `refine.pose_search_order` it is the
+refinement engine's E-step of its shard (`refine.autorefine.expect_particles`, what `omlrelion
+refine` runs on a whole half set), with the noise spectrum, offset prior and sampling the previous
+model_update and next_sampling chose: RELION's 3D auto-refine split into file-level jobs.
 
-Schedule (RELION's auto-refine, as far as it applies without pose search, refinement spec 4.4 and
-5.2-5.3): iteration 1 back-projects up to r_max from `initial_resolution_A` (all data when null);
-after each iteration r* is the last shell with SSNR = FSC/(1-FSC) >= 1, and the next r_max is
-r* + incr_size; the final iteration uses all data up to the limit (`maxres_A` or Nyquist).
+Schedule (RELION's auto-refine, refinement spec 4.4 and 5.2-5.7): iteration 1 back-projects up to
+r_max from `initial_resolution_A` (all data when null), or, from a reference map, searches up to
+r* of `ini_high_A` + incr_size; after each iteration r* is the last shell with SSNR = FSC/(1-FSC)
+>= 1, and the next r_max is r* + incr_size; the final iteration uses all data up to the limit
+(`maxres_A` or Nyquist).
 """
 
 from __future__ import annotations

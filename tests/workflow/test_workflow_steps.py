@@ -141,7 +141,7 @@ def test_two_iterations_schedule_scores_and_fsc(sim, tmp_path):
     poses, attrs = h5.read_table(tmp_path / "it2_poses_1_1.h5")
     assert attrs["iteration"] == 2 and np.isfinite(poses["score"]).all() and poses["score"].mean() > 0.05
     first, _ = h5.read_table(tmp_path / "it1_poses_1_1.h5")
-    np.testing.assert_array_equal(first["eulers_deg"], poses["eulers_deg"])  # poses kept: no pose search yet
+    np.testing.assert_array_equal(first["eulers_deg"], poses["eulers_deg"])  # poses kept: no pose search
     assert np.isnan(first["score"]).all()
     m2 = wf.model_update(tmp_path / "it2_sums_1.h5", tmp_path / "it2_sums_2.h5", tmp_path / "m2.json", iteration=2,
                          opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 2)},
