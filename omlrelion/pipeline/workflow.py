@@ -370,8 +370,9 @@ def _scores(volume_ftc, images, rotations, shifts_px, optics, ctf, *, grid: Padd
     return to_numpy(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)).astype(np.float64)
 
 
-def search_options(search: dict, *, pad: float, symmetry: str) -> RefineOptions:
-    """The refinement engine's options for the workflow's pose search (config section refine)."""
+def search_options(search: dict, *, symmetry: str, pad: float = 2.0) -> RefineOptions:
+    """The refinement engine's options for the workflow's pose search (config section refine; the
+    padding only matters to the searches and accuracy estimates)."""
     return RefineOptions(healpix_order=int(search["pose_search_order"]), offset_range_px=float(search["offset_range_px"]),
                          offset_step_px=float(search["offset_step_px"]), pad=float(pad),
                          oversampling=int(search["oversampling"]), schedule=bool(search["sampling_schedule"]),
@@ -431,7 +432,7 @@ def initial_model(store_path, reference_path, out_model, out_sampling, out_volum
     out_volumes: the two halves' volume stores; out_poses: {(half, shard): poses file}.
     """
     search = opts["search"]
-    ropts = search_options(search, pad=2.0, symmetry=opts["symmetry"])
+    ropts = search_options(search, symmetry=opts["symmetry"])
     volume, _ = read_map(reference_path)
     with h5.ParticleStore(store_path) as store:
         box, angpix = store.box_size, store.angpix
@@ -643,7 +644,7 @@ def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str,
     the no-gain and no-large-change counters, and whether the FSC was high at the edge."""
     ov = int(search["oversampling"])
     if prev is None:
-        ropts = search_options(search, pad=2.0, symmetry=symmetry)
+        ropts = search_options(search, symmetry=symmetry)
         with h5.ParticleStore(store_path) as store:
             sigma2 = [starting_sigma2(store, half=h, ropts=ropts).tolist() for h in (1, 2)]
         order = int(search["pose_search_order"])
