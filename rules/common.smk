@@ -242,8 +242,11 @@ def merge_opts(wc):
 @sorted_params
 def model_opts(wc):
     rc = run_config(wc.pset)
-    return {"maxres_A": rc["reconstruct"]["maxres_A"], "tau2_fudge": rc["reconstruct"]["tau2_fudge"],
+    opts = {"maxres_A": rc["reconstruct"]["maxres_A"], "tau2_fudge": rc["reconstruct"]["tau2_fudge"],
             **wf.iteration_schedule(rc["refine"], int(wc.it)), **search_opts(rc)}
+    if rc["refine"]["low_resol_join_A"] is not None:
+        opts["low_resol_join_A"] = rc["refine"]["low_resol_join_A"]
+    return opts
 
 
 @sorted_params
@@ -316,6 +319,14 @@ def model_inputs(wc):
     elif pose_search(wc.pset):
         inputs["store"] = STORE.format(dataset=wc.dataset)  # the starting noise spectra
     return inputs
+
+
+def half_map_inputs(wc):
+    """With refine.low_resol_join_A, the other half's sums (the halves are averaged at low resolution)."""
+    if run_config(wc.pset)["refine"]["low_resol_join_A"] is None:
+        return {}
+    base = IT.format(dataset=wc.dataset, pset=wc.pset, it=wc.it)
+    return {"other": join(base, f"sums_half{3 - int(wc.half)}.h5")}
 
 
 def sampling_inputs(wc):

@@ -21,6 +21,7 @@ checkpoint model_update:
 
 rule reconstruct_half:
     input:
+        unpack(half_map_inputs),
         sums=join(IT, "sums_half{half}.h5"),
         model=join(IT, "model.json"),
     output:

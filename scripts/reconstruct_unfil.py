@@ -5,4 +5,5 @@ logs.setup_logging(snakemake.log[0])
 half = int(snakemake.wildcards.half)
 workflow.reconstruct_unfil(snakemake.input[f"sums{half}"], snakemake.input.model, snakemake.output.mrc, half=half,
                            iteration=int(snakemake.params.it), opts=dict(snakemake.params.opts),
-                           devices=workflow.job_devices(snakemake.resources.get("gpu", 0)))
+                           devices=workflow.job_devices(snakemake.resources.get("gpu", 0)),
+                           other_sums=snakemake.input[f"sums{3 - half}"])

@@ -81,6 +81,8 @@ from omlrelion.refine.autorefine import (
     expect_particles,
     initial_sigma2,
     low_pass,
+    join_shell,
+    low_resolution_join,
     next_perturbation,
     next_r_max,
     solvent_flatten,
@@ -682,7 +684,9 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
                  prev_sampling=None, store=None) -> dict:
     """Gold-standard FSC of the halves' sums and the schedule: resolution, next r_max, final/converged.
 
-    opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...); with a
+    opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...);
+    low_resol_join_A: the halves' sums are averaged within that resolution, or within the previous
+    resolution if lower, before the FSC (RELION --low_resol_join_halves; `autorefine.join_shell`); with a
     pose search also `search` and `symmetry`, and then poses / prev_poses (this and the previous
     iteration's poses files) and prev_sampling (the previous iteration's sampling.json) after a
     search, or the particle `store` (starting noise spectra) after iteration 1 without a reference. Without a pose search the run has converged after an iteration without
@@ -693,9 +697,13 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
                                              "pad": a1["pad"], "box_size": a1["box_size"], "angpix": a1["angpix"]})
     box, angpix, r_max = int(a1["box_size"]), float(a1["angpix"]), int(a1["r_max"])
     grid = PaddedGrid(box, float(a1["pad"]), r_max)
+    prev = _read_json(prev_model) if prev_model else None
+    shell = None
+    if opts.get("low_resol_join_A"):
+        shell = join_shell(float(opts["low_resol_join_A"]), box, angpix, prev["r_star"] if prev else r_max)
+        low_resolution_join([[d1, w1], [d2, w2]], grid=grid, shell=shell)
     curve = fsc_from_sums(d1, w1, d2, w2, grid=grid)
     del d1, w1, d2, w2
-    prev = _read_json(prev_model) if prev_model else None
     final = prev["next_is_final"] if prev else bool(opts["first_is_final"])
     r_star = resolution_shell(curve, fudge=opts["tau2_fudge"])
     incr = max(int(prev["incr_size"] if prev else opts["incr_size"]),
@@ -736,7 +744,7 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
         "resolution_05_A": resolution_at(curve, box_size=box, angpix=angpix, threshold=0.5),
         "r_star": r_star, "current_resolution_A": 1.0 / current, "current_resolution_inv_A": current,
         "incr_size": incr, "iterations_without_resolution_gain": no_gain, "converged": bool(converged),
-        "final": bool(final), "next_is_final": next_is_final, "next_r_max": next_r,
+        "final": bool(final), "next_is_final": next_is_final, "next_r_max": next_r, "low_resol_join_shell": shell,
     }
     if search is not None:
         model["search"] = search
@@ -809,8 +817,25 @@ def _reconstruct(data, weight, grid: PaddedGrid, opts: dict, devices: list[Devic
         return to_numpy(volume).astype(np.float32)
 
 
+def _half_sums(sums, model: dict, *, half: int, iteration: int, other=None):
+    """(data, weight, attrs) of a half's merged sums; when model.json says the halves were joined at
+    low resolution, averaged with the other half's sums (`other`) within that shell."""
+    expect = {"iteration": iteration, "r_max": model["r_max"]}
+    data, weight, attrs = h5.read_sums(sums, expect={**expect, "half": half})
+    shell = model.get("low_resol_join_shell")
+    if shell:
+        if other is None:
+            raise InputError(f"{sums}: model.json joins the halves at low resolution; the other half's sums are needed")
+        d2, w2, _ = h5.read_sums(other, expect={**expect, "half": 3 - half})
+        grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
+        pair = [[data, weight], [d2, w2]]
+        low_resolution_join(pair, grid=grid, shell=int(shell))
+        data, weight = pair[0]
+    return data, weight, attrs
+
+
 def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, half: int, iteration: int,
-                     opts: dict, devices: list[Device] | None = None) -> dict:
+                     opts: dict, devices: list[Device] | None = None, other_sums=None) -> dict:
     """The half map of one iteration: MAP reconstruction with tau2 from the halves' FSC (spec 4.4).
 
     opts: tau2_fudge, gridding_iterations, compression, and flatten_solvent ({particle_diameter_A}:
@@ -819,7 +844,7 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
     """
     t0 = time.perf_counter()
     model = _read_json(model_json)
-    data, weight, attrs = h5.read_sums(sums, expect={"iteration": iteration, "half": half, "r_max": model["r_max"]})
+    data, weight, attrs = _half_sums(sums, model, half=half, iteration=iteration, other=other_sums)
     grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
     tau2, sigma2, ssnr = tau2_from_fsc(weight, model["fsc"], grid=grid, whole_data=False, fudge=opts["tau2_fudge"])
     devices = devices or [Device()]
@@ -838,10 +863,11 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
 
 
 def reconstruct_unfil(sums, model_json, out_mrc, *, half: int, iteration: int, opts: dict,
-                      devices: list[Device] | None = None) -> None:
-    """Final iteration: the unregularised half map (no tau2), RELION's run_half{h}_class001_unfil.mrc."""
+                      devices: list[Device] | None = None, other_sums=None) -> None:
+    """Final iteration: the unregularised half map (no tau2), RELION's run_half{h}_class001_unfil.mrc
+    (joined with the other half at low resolution when the model says so)."""
     model = _read_json(model_json)
-    data, weight, attrs = h5.read_sums(sums, expect={"iteration": iteration, "half": half, "r_max": model["r_max"]})
+    data, weight, attrs = _half_sums(sums, model, half=half, iteration=iteration, other=other_sums)
     grid = PaddedGrid(int(attrs["box_size"]), float(attrs["pad"]), int(attrs["r_max"]))
     write_map(out_mrc, _reconstruct(data, weight, grid, opts, devices or [Device()]), float(attrs["angpix"]))
 

@@ -220,6 +220,12 @@ def solvent_flatten(volume, radius_px: float, *, width: float = 5.0):
     return volume * mask.astype(volume.dtype)
 
 
+def join_shell(join_A: float, box_size: int, angpix: float, r_star: int) -> int:
+    """RELION's --low_resol_join_halves shell: the halves are averaged up to join_A, or up to the
+    current resolution (shell r_star) when that is lower."""
+    return int(np.ceil(box_size * angpix / max(join_A, box_size * angpix / max(int(r_star), 1))))
+
+
 def low_resolution_join(sums, *, grid: PaddedGrid, shell: int) -> None:
     """Replace both halves' data and weight by their average within round(pad * shell) (in place)."""
     c = grid.size // 2
@@ -329,8 +335,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                                                               angpix=apix)
         state.offset_change_A = offset_change
         if opts.low_resol_join_A:
-            join = int(np.ceil(n * apix / max(opts.low_resol_join_A, n * apix / max(state.r_star, 1))))
-            low_resolution_join(sums, grid=grid, shell=join)
+            low_resolution_join(sums, grid=grid, shell=join_shell(opts.low_resol_join_A, n, apix, state.r_star))
         host = [(to_numpy(d).astype(np.complex128), to_numpy(w).astype(np.float64)) for d, w in sums]
         curve = fsc_from_sums(host[0][0], host[0][1], host[1][0], host[1][1], grid=grid)
         spectra = []

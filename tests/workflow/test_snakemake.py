@@ -251,10 +251,11 @@ def test_pose_search_follows_the_refinement_schedule(tmp_path):
 
 
 def test_refinement_from_a_reference_map(tmp_path):
-    """datasets.<name>.reference: a refinement from scratch, as relion_refine --ref. The STAR file's
-    poses are all zero; start/ holds the reference low-passed to ini_high_A as both halves' map, each
-    half's starting noise spectrum and the first sampling, and iteration 1 already searches every
-    pose globally. The poses found come back near the simulated ones."""
+    """datasets.<name>.reference: a refinement from scratch, as relion_refine --ref, with RELION's GUI
+    options (zero mask, solvent flattening, halves joined below 40 A). The STAR file's poses are all
+    zero; start/ holds the reference low-passed to ini_high_A as both halves' map, each half's
+    starting noise spectrum and the first sampling, and iteration 1 already searches every pose
+    globally. The poses found come back near the simulated ones."""
     from omlrelion.geometry.euler import euler_to_matrix
     from omlrelion.io.star import write_particles
     from omlrelion.pipeline.simulate import SimulateParams, simulate
@@ -267,13 +268,15 @@ def test_refinement_from_a_reference_map(tmp_path):
     zero = replace(truth, eulers_deg=np.zeros_like(truth.eulers_deg), shifts_px=np.zeros_like(truth.shifts_px))
     write_particles(tmp_path / "data" / "zeroed.star", zero)
     config = tiny_config(refine={"pose_search_order": 1, "offset_range_px": 2.0, "offset_step_px": 1.0,
-                                 "ini_high_A": 20.0, "iterations": 3})
+                                 "ini_high_A": 20.0, "iterations": 3, "zero_mask": True, "flatten_solvent": True,
+                                 "low_resol_join_A": 40.0})
     config["datasets"] = {"tiny": {"star": "data/zeroed.star", "reference": "data/particles_phantom.mrc"}}
     snakemake(tmp_path, "--cores", "2", "--configfile", str(write_config(tmp_path, config)))
     start = json.loads((tmp_path / RUN / "start/model.json").read_text())
     assert start["iteration"] == 0 and start["r_star"] == 5 and start["next_r_max"] == 15
     first = json.loads((tmp_path / RUN / "it001/model.json").read_text())
     assert first["search"]["angle_change_deg"] > 10        # iteration 1 searched (from the zero poses)
+    assert first["low_resol_join_shell"] == 3 and first["fsc"][1] == pytest.approx(1.0)   # 96 A / 40 A
     found = read_particles(tmp_path / RUN / "final/run_data.star")
     cos = (np.einsum("mij,mij->m", euler_to_matrix(found.eulers_deg), euler_to_matrix(truth.eulers_deg)) - 1) / 2
     errors = np.degrees(np.arccos(np.clip(cos, -1, 1)))

@@ -345,3 +345,41 @@ def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
                             prev_sampling=tmp_path / "s1_fine.json")
         assert m["iterations_without_resolution_gain"] == 1
         assert m["converged"] == m["next_is_final"] == fine_enough
+
+
+def test_low_resolution_join_of_the_halves(sim, tmp_path):
+    """refine.low_resol_join_A: model_update averages the halves' sums within the join shell before
+    the FSC (FSC 1 there), and the half maps are made from the joined sums (equal at low resolution,
+    different above); without the other half's sums a half map is refused."""
+    from omlrelion.refine.autorefine import join_shell
+
+    store = tmp_path / "p.h5"
+    wf.preprocess(sim, store, opts=PRE)
+    schedule = {"iterations": 2, "until_converged": False, "max_iterations": 9, "initial_resolution_A": None,
+                "incr_size": 4}
+    opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "single", "compression": COMPRESSION,
+            "first": wf.first_iteration(schedule)}
+    _iteration(store, tmp_path, 1, opts)
+    model = {"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 1)}
+    plain = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m.json", iteration=1,
+                            opts=model)
+    joined = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "mj.json",
+                             iteration=1, opts={**model, "low_resol_join_A": 20.0})
+    shell = joined["low_resol_join_shell"]
+    assert plain["low_resol_join_shell"] is None and shell == join_shell(20.0, 24, 3.0, 12) == 4
+    np.testing.assert_allclose(joined["fsc"][1:shell], 1.0, atol=1e-6)
+    assert joined["fsc"][shell + 2:] == pytest.approx(plain["fsc"][shell + 2:], abs=1e-6)
+    assert min(plain["fsc"][1:shell]) < 0.999
+    rec = {"tau2_fudge": 1.0, "gridding_iterations": 0, "compression": COMPRESSION}
+    maps = []
+    for h in (1, 2):
+        out = tmp_path / f"j{h}.h5"
+        wf.reconstruct_half(tmp_path / f"it1_sums_{h}.h5", tmp_path / "mj.json", out, tmp_path / f"j{h}.mrc",
+                            tmp_path / f"j{h}.star", half=h, iteration=1, opts=rec,
+                            other_sums=tmp_path / f"it1_sums_{3 - h}.h5")
+        maps.append(h5.read_volume(out)[0])
+    curve = fsc(maps[0], maps[1])
+    assert np.all(curve[1:shell - 1] > 0.999) and curve[shell + 2:12].min() < 0.99
+    with pytest.raises(InputError, match="other half's sums are needed"):
+        wf.reconstruct_half(tmp_path / "it1_sums_1.h5", tmp_path / "mj.json", tmp_path / "x.h5", tmp_path / "x.mrc",
+                            tmp_path / "x.star", half=1, iteration=1, opts=rec)
