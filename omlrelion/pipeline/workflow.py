@@ -79,6 +79,7 @@ from omlrelion.refine.autorefine import (
     accuracy,
     circular_mask,
     expect_particles,
+    high_fsc_at_limit,
     initial_sigma2,
     low_pass,
     join_shell,
@@ -637,13 +638,14 @@ def _read_poses(paths, iteration: int):
 
 
 def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str, final: bool, gain: bool, curve,
-                   prev: dict | None, angpix: float, poses=(), prev_poses=(), prev_sampling=None,
+                   current_size: int, prev: dict | None, angpix: float, poses=(), prev_poses=(), prev_sampling=None,
                    store_path=None) -> dict:
     """The pose search's part of the model (RELION's M-step and schedule, spec 4.5, 5.2, 5.6): each
     half's noise spectrum and offset prior from its merged noise sums (after iteration 1 of a run
     without a reference map, which searched nothing: the starting spectrum of the half's first 1000
     particles in `store_path`), the mean angle and offset changes against the previous iteration,
-    the no-gain and no-large-change counters, and whether the FSC was high at the edge."""
+    the no-gain and no-large-change counters, and whether the FSC is high at the edge of the
+    iteration's image size (`current_size`)."""
     ov = int(search["oversampling"])
     if prev is None:
         ropts = search_options(search, symmetry=symmetry)
@@ -654,7 +656,7 @@ def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str,
                             local=order >= int(search["auto_local_order"]))
         out = {"sigma2": sigma2,
                "sigma_offset_A": [float(search["sigma_offset_A"])] * 2, "perturb": 0.0, "angle_change_deg": None,
-               "offset_change_A": 0.0, "mean_pmax": None, "high_fsc_at_limit": False}
+               "offset_change_A": 0.0, "mean_pmax": None}
     else:
         noise = [h5.read_noise(sums1), h5.read_noise(sums2)]
         sampling = _read_json(prev_sampling)
@@ -670,11 +672,8 @@ def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str,
             schedule.record_changes(angle, offset, ov=ov, angpix=angpix)
         out = {"sigma2": [update_sigma2(prev["search"]["sigma2"][h], [noise[h]]).tolist() for h in (0, 1)],
                "sigma_offset_A": [update_sigma_offset([n]) for n in noise], "perturb": float(sampling["perturb"]),
-               "angle_change_deg": angle, "offset_change_A": offset, "mean_pmax": float(pmax.mean()),
-               "high_fsc_at_limit": bool(prev["search"]["high_fsc_at_limit"])}
-    limit = np.flatnonzero(np.asarray(curve) > 0)
-    if limit.size and limit[-1] >= 1 and curve[limit[-1] - 1] > 0.2:
-        out["high_fsc_at_limit"] = True
+               "angle_change_deg": angle, "offset_change_A": offset, "mean_pmax": float(pmax.mean())}
+    out["high_fsc_at_limit"] = high_fsc_at_limit(curve, current_size)
     out["schedule"] = asdict(schedule)
     out["converged"] = prev is not None and schedule.converged()
     return out
@@ -714,7 +713,7 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
     search = None
     if opts.get("search"):
         search = _search_update(sums1, sums2, iteration=iteration, search=opts["search"], symmetry=opts["symmetry"],
-                                final=final, gain=gain, curve=curve, prev=prev, angpix=angpix, poses=poses,
+                                final=final, gain=gain, curve=curve, current_size=min(box, 2 * r_max), prev=prev, angpix=angpix, poses=poses,
                                 prev_poses=prev_poses, prev_sampling=prev_sampling, store_path=store)
         converged = search["converged"]
     else:

@@ -102,7 +102,7 @@ class RefineState:
     history: list = field(default_factory=list)
     schedule: Schedule = None           # sampling, counters and convergence flags (shared by the halves)
     incr_size: int = 10                 # shells added to r* for the next current size (grows with the FSC)
-    high_fsc_at_limit: bool = False     # FSC > 0.2 at the current size's edge once: r_max grows by N/8
+    high_fsc_at_limit: bool = False     # FSC > 0.2 at the last image size's edge: r_max grows by N/8
     offset_change_A: float = 0.0        # RMS offset change of the last iteration
     perturb: float = 0.0                # the sampling grids' random perturbation rho, in coarse steps
     converged: bool = False
@@ -352,7 +352,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
             state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
             state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
         del sums
-        _update_resolution(state, curve, n)
+        _update_resolution(state, curve, n, found.current_size)
         if not final:
             sch.record_changes(angle_change, offset_change, ov=ov, angpix=apix)
         state.last_sums, state.last_grid = host, grid
@@ -372,7 +372,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     return state
 
 
-def _update_resolution(state: RefineState, curve, n: int) -> None:
+def _update_resolution(state: RefineState, curve, n: int, current_size: int) -> None:
     """r* from the FSC (5.2), the no-gain counter, incr_size and the high-FSC-at-the-limit flag (4.4)."""
     curve = np.asarray(curve)
     r_new = resolution_shell(curve)
@@ -382,9 +382,15 @@ def _update_resolution(state: RefineState, curve, n: int) -> None:
     below_0143 = np.flatnonzero(curve[1:] < 0.143)
     if below_05.size and below_0143.size:
         state.incr_size = max(state.incr_size, int(below_0143[0] - below_05[0]) + 5)
-    limit = np.flatnonzero(curve > 0)[-1] if np.any(curve > 0) else 0
-    if limit >= 1 and curve[limit - 1] > 0.2:
-        state.high_fsc_at_limit = True
+    state.high_fsc_at_limit = high_fsc_at_limit(curve, current_size)
+
+
+def high_fsc_at_limit(curve, current_size: int) -> bool:
+    """RELION's test after every iteration (ml_optimiser): the halves' FSC above 0.2 at shell
+    current_size / 2 - 1, the edge of the iteration's image size; the next r_max then grows by N/8
+    while <Pmax> > 0.1 (`next_r_max`)."""
+    shell = current_size // 2 - 1
+    return bool(0 <= shell < len(curve) and curve[shell] > 0.2)
 
 ACCURACY_PARTICLES = 100          # RELION's accuracy estimates use the first 100 particles of half 1
 SIGMA2_PARTICLES = 1000           # and its starting noise spectrum each half's first 1000

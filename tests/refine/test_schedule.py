@@ -123,3 +123,19 @@ def test_pose_change_counter():
     assert s.iter_wo_large_changes == 1
     s.record_changes(1.0, 0.3, ov=1, angpix=1.0)              # below 40% of the fine steps (3 deg, 1 A)
     assert s.iter_wo_large_changes == 2
+
+
+def test_r_max_grows_by_an_eighth_of_the_box_while_the_fsc_is_high_at_the_edge():
+    """RELION (ml_optimiser): after every iteration, FSC > 0.2 at shell current_size/2 - 1; the next
+    r_max is then r* + round(N/8) instead of r* + incr_size when <Pmax> > 0.1, never past Nyquist.
+    The test is made again every iteration (a low FSC at the edge clears it)."""
+    from omlrelion.refine.autorefine import high_fsc_at_limit, next_r_max
+
+    curve = np.concatenate([np.ones(10), np.linspace(0.9, 0.0, 23)])       # 33 shells of a box of 64
+    assert high_fsc_at_limit(curve, 20)                                    # shell 9: 1.0
+    assert not high_fsc_at_limit(curve, 60)                                # shell 29: below 0.2
+    assert not high_fsc_at_limit(curve, 100)                               # past the curve
+    assert next_r_max(12, 10, 64) == 22
+    assert next_r_max(12, 10, 64, high_fsc_at_limit=True, mean_pmax=0.5) == 20
+    assert next_r_max(12, 10, 64, high_fsc_at_limit=True, mean_pmax=0.05) == 22
+    assert next_r_max(30, 10, 64) == 32
