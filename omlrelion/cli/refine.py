@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> dict:
     clock = [time.perf_counter()]
 
     def after_iteration(st) -> None:
-        _write_iteration(args.root, len(st.history), st, particles, halves, optics, write_model_star)
+        _write_iteration(args.root, len(st.history), st, particles, halves, optics, opts)
         now = time.perf_counter()
         _progress_line(st, now - clock[0])
         clock[0] = now
@@ -244,9 +244,18 @@ def _write_data(path, state, particles, halves) -> None:
                                   shifts_px=state.shifts_px.copy(), random_subset=halves))
 
 
-def _write_iteration(root: Path, it: int, state, particles, halves, optics, write_model_star) -> None:
+def _write_iteration(root: Path, it: int, state, particles, halves, optics, opts) -> None:
+    from omlrelion.refine.outputs import write_model_star, write_sampling_star
+    from omlrelion.refine.sampling import Sampling
+
     stem = f"{root}_it{it:03d}"
     entry = state.history[-1]
+    sch = state.schedule
+    write_sampling_star(f"{stem}_sampling.star",
+                        Sampling(sch.order, sch.offset_range_px, sch.offset_step_px, symmetry=opts.symmetry,
+                                 perturb=state.perturb), angpix=optics.angpix, perturb_factor=opts.perturb,
+                        original=Sampling(opts.healpix_order, opts.offset_range_px, opts.offset_step_px,
+                                          symmetry=opts.symmetry))
     for h in (1, 2):
         write_map(f"{stem}_half{h}_class001.mrc", np.asarray(state.maps[h - 1], dtype=np.float32), optics.angpix)
         spectra = entry["halves"][h - 1]

@@ -42,3 +42,27 @@ def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, ref
                                                        "rlnResolution": shells / (box * angpix),
                                                        "rlnSigma2Noise": pad(sigma2_noise)})
     write_star(path, blocks)
+
+
+def write_sampling_star(path, sampling, *, angpix: float, perturb_factor: float, original) -> None:
+    """RELION's *_sampling.star: data_sampling_general (HEALPix order, psi step, offsets in A, the
+    perturbation, the point group and the starting values) and the kept (rot, tilt) directions.
+
+    sampling: the iteration's `refine.sampling.Sampling` (order, offsets in px, perturbation, point
+    group); original: the starting `Sampling` of the run.
+    """
+    import pandas as pd
+
+    from omlrelion.refine.sampling import angular_step
+
+    general = pd.DataFrame({
+        "rlnIs3DSampling": [1], "rlnIs3DTranslationalSampling": [0], "rlnHealpixOrder": [sampling.order],
+        "rlnSymmetryGroup": [sampling.symmetry], "rlnTiltAngleLimit": [-91.0], "rlnPsiStep": [angular_step(sampling.order)],
+        "rlnOffsetRange": [sampling.offset_range_px * angpix], "rlnOffsetStep": [sampling.offset_step_px * angpix],
+        "rlnHelicalOffsetStep": [-1.0], "rlnSamplingPerturbInstance": [sampling.perturb],
+        "rlnSamplingPerturbFactor": [perturb_factor], "rlnHealpixOrderOriginal": [original.order],
+        "rlnPsiStepOriginal": [angular_step(original.order)],
+        "rlnOffsetRangeOriginal": [original.offset_range_px * angpix],
+        "rlnOffsetStepOriginal": [original.offset_step_px * angpix]})
+    directions = pd.DataFrame({"rlnAngleRot": sampling.directions[:, 0], "rlnAngleTilt": sampling.directions[:, 1]})
+    write_star(path, {"sampling_general": general, "sampling_directions": directions})

@@ -53,6 +53,12 @@ def test_refine_writes_relion_names_and_continues(dataset, capsys):
     classes = read_star_table(out / "run_it002_half1_model.star", block="model_classes")
     assert 0 < float(classes["rlnAccuracyRotations"].iloc[0]) <= 30
     assert 0 < float(classes["rlnAccuracyTranslationsAngst"].iloc[0]) <= 50
+    general = read_star_table(out / "run_it002_sampling.star", block="sampling_general").iloc[0]
+    assert int(general["rlnHealpixOrder"]) == 1 and general["rlnSymmetryGroup"] == "C1"
+    assert float(general["rlnOffsetRange"]) == pytest.approx(10.0) and float(general["rlnOffsetStep"]) == pytest.approx(5.0)
+    assert float(general["rlnPsiStep"]) == pytest.approx(30.0) and float(general["rlnSamplingPerturbFactor"]) == 0.5
+    assert abs(float(general["rlnSamplingPerturbInstance"])) <= 0.5
+    assert len(read_star_table(out / "run_it002_sampling.star", block="sampling_directions")) == 48
     # continue after iteration 2: iteration 3 is written, with the same half sets
     assert _refine(dataset, "--iter", "1", "--continue", str(out / "run_it002_state.json")) == 0
     import json

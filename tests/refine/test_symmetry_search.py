@@ -130,3 +130,23 @@ def test_c4_refinement_finds_poses_up_to_symmetry_and_a_symmetric_map(rng, on_gp
     for half_map in state.maps:
         quarter = half_map[:, (-x + n // 2) % n, (y + n // 2) % n]     # a quarter turn about voxel n/2
         assert np.linalg.norm(quarter - half_map) < 0.02 * np.linalg.norm(half_map)
+
+
+def test_sampling_star_lists_relions_directions(tmp_path):
+    """run_itNNN_sampling.star as RELION writes it: its general block and, for D2 at order 2, the
+    directions of relion_refine 3.1.3's own sampling.star (tests/data/sampling_directions.tsv)."""
+    from omlrelion.io.star import read_star_table
+    from omlrelion.refine.outputs import write_sampling_star
+
+    sampling = Sampling(2, 3.0, 1.0, symmetry="D2", perturb=0.2)
+    write_sampling_star(tmp_path / "s.star", sampling, angpix=2.5, perturb_factor=0.5,
+                        original=Sampling(1, 4.0, 2.0, symmetry="D2"))
+    general = read_star_table(tmp_path / "s.star", block="sampling_general").iloc[0]
+    assert (int(general["rlnHealpixOrder"]), int(general["rlnHealpixOrderOriginal"])) == (2, 1)
+    assert float(general["rlnOffsetRange"]) == pytest.approx(7.5) and float(general["rlnOffsetStepOriginal"]) == 5.0
+    assert float(general["rlnPsiStep"]) == pytest.approx(15.0) and float(general["rlnSamplingPerturbInstance"]) == 0.2
+    directions = read_star_table(tmp_path / "s.star", block="sampling_directions")
+    rows = REFERENCE[(REFERENCE["symmetry"] == "D2") & (REFERENCE["order"] == 2)]
+    expected = rows[["rot", "tilt"]].to_numpy(float)
+    found = directions[["rlnAngleRot", "rlnAngleTilt"]].to_numpy(float)
+    assert len(expected) == 48 and np.allclose(found, expected, atol=1e-5)
