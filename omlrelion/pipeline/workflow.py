@@ -1094,7 +1094,8 @@ def _benchmark(folders) -> dict:
 
 def run_summary(out_json, *, dataset: str, parameter_set: str, overrides: dict, models, postprocess_json,
                 stores: dict, benchmark_dirs, final_map, phantom=None) -> dict:
-    """One row of the sweep table: resolution per iteration and final, time, memory, compression per file type.
+    """One row of the sweep table: resolution per iteration and final, time, memory, compression per file type
+    (and, with a pose search, each iteration's HEALPix order, local or global search, <Pmax> and pose changes).
 
     stores: file type -> h5 paths; benchmark_dirs: folders of Snakemake benchmark files (all jobs of
     the run and of its dataset's simulation and preprocessing).
@@ -1126,6 +1127,15 @@ def run_summary(out_json, *, dataset: str, parameter_set: str, overrides: dict, 
                "resolution_per_iteration_A": [m["resolution_0143_A"] for m in history],
                "r_max_per_iteration": [m["r_max"] for m in history], **_benchmark(benchmark_dirs),
                "compression": compression, "omlrelion_version": omlrelion.__version__}
+    if "search" in last:    # per iteration: the sampling searched (none in iteration 1 without a reference)
+        searched = [m["search"]["angle_change_deg"] is not None for m in history]
+        summary["pose_search"] = {
+            "healpix_order": [m["search"]["schedule"]["order"] if s else None for m, s in zip(history, searched)],
+            "local": [m["search"]["schedule"]["local"] if s else None for m, s in zip(history, searched)],
+            "mean_pmax": [m["search"]["mean_pmax"] for m in history],
+            "angle_change_deg": [m["search"]["angle_change_deg"] for m in history],
+            "offset_change_A": [m["search"]["offset_change_A"] if s else None for m, s in zip(history, searched)],
+            "converged": any(m["converged"] for m in history)}
     _write_json(out_json, summary)
     return summary
 

@@ -248,6 +248,10 @@ def test_pose_search_follows_the_refinement_schedule(tmp_path):
     assert all(np.all(np.asarray(s) > 0) for s in sigma2) and sigma2[1] != sigma2[2]
     summary = json.loads((tmp_path / RUN / "summary.json").read_text())
     assert summary["resolution_A"] <= 15.0
+    searched = summary["pose_search"]
+    assert searched["healpix_order"] == [None] + [s["schedule"]["order"] for s in samplings]   # iteration 1 kept poses
+    assert searched["local"][1:] == [s["schedule"]["local"] for s in samplings]
+    assert all(0 < p <= 1 for p in searched["mean_pmax"][1:])
 
 
 def test_refinement_from_a_reference_map(tmp_path):
