@@ -77,16 +77,17 @@ from omlrelion.refine.autorefine import (
     SIGMA2_PARTICLES,
     RefineOptions,
     accuracy,
-    circular_mask,
     expect_particles,
     high_fsc_at_limit,
-    initial_sigma2,
     low_pass,
     join_shell,
     low_resolution_join,
     next_perturbation,
     next_r_max,
+    particle_diameter,
     solvent_flatten,
+    starting_schedule,
+    starting_sigma2,
     sum_noise,
 )
 from omlrelion.refine.maximization import update_sigma2, update_sigma_offset
@@ -403,8 +404,9 @@ def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sa
     for group in np.unique(columns["optics_group"][index]):
         rows = np.flatnonzero(columns["optics_group"][index] == group)
         found = expect_particles(images, ctf, store.optics[group], rows, volume, search["sigma2"][half - 1],
-                                 search["sigma_offset_A"][half - 1], eulers[rows], shifts[rows], schedule=schedule, perturb=float(sampling["perturb"]),
-                                 r_max=r_max, opts=ropts, device=device, apply_ctf=apply_ctf)
+                                 search["sigma_offset_A"][half - 1], eulers[rows], shifts[rows], schedule=schedule,
+                                 perturb=float(sampling["perturb"]), r_max=r_max, opts=ropts, device=device,
+                                 apply_ctf=apply_ctf)
         eulers[rows], shifts[rows], pmax[rows], n_sig[rows] = (found.eulers, found.shifts_px, found.pmax,
                                                                found.n_significant)
         d, w = to_numpy(found.data), to_numpy(found.weight)
@@ -413,15 +415,16 @@ def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sa
     return data, weight, eulers, shifts, pmax, n_sig, sum_noise(noise)
 
 
-def starting_sigma2(store, *, half: int, ropts: RefineOptions) -> np.ndarray:
-    """A half set's starting noise spectrum (spec 5.9, `initial_sigma2`) from its first 1000
-    particles of the store, masked to the particle diameter with `zero_mask` (as `refine()`)."""
-    n = store.box_size
-    images = store.read_images(np.flatnonzero(store.column("half") == half)[:SIGMA2_PARTICLES]).astype(np.float64)
-    if ropts.zero_mask:
-        diameter_A = ropts.particle_diameter_A or (n - 5) * store.angpix
-        images = images * circular_mask(n, diameter_A / (2 * store.angpix), np)
-    return initial_sigma2(rfft2_centred(images))
+def _starting_search(store, search: dict, symmetry: str) -> tuple[dict, Schedule]:
+    """The pose search's part of the model before its first search, as `refine()` starts: each
+    half's noise spectrum from its first 1000 particles of the store, the offset prior of the
+    config, no perturbation yet; and the first sampling."""
+    ropts = search_options(search, symmetry=symmetry)
+    half = store.column("half")
+    sigma2 = [starting_sigma2(store.read_images(np.flatnonzero(half == h)[:SIGMA2_PARTICLES]), ropts,
+                              angpix=store.angpix).tolist() for h in (1, 2)]
+    return ({"sigma2": sigma2, "sigma_offset_A": [ropts.sigma_offset_A] * 2, "perturb": 0.0,
+             "angle_change_deg": None, "offset_change_A": 0.0, "mean_pmax": None}, starting_schedule(ropts))
 
 
 def initial_model(store_path, reference_path, out_model, out_sampling, out_volumes, out_poses, *, opts: dict) -> dict:
@@ -444,7 +447,7 @@ def initial_model(store_path, reference_path, out_model, out_sampling, out_volum
             raise InputError(f"{reference_path}: the map holds NaN or Inf values")
         half, shard = store.column("half"), store.column("shard")
         eulers, shifts = store.column("eulers_deg"), store.column("shifts_px")
-        sigma2 = [starting_sigma2(store, half=h, ropts=ropts).tolist() for h in (1, 2)]
+        search_state, schedule = _starting_search(store, search, opts["symmetry"])
     start = low_pass(volume.astype(np.float64), angpix=angpix, resolution_A=float(opts["ini_high_A"])).astype(np.float32)
     compression = _compression(opts["compression"])
     for h, path in zip((1, 2), out_volumes):
@@ -456,9 +459,6 @@ def initial_model(store_path, reference_path, out_model, out_sampling, out_volum
                               "score": np.full(len(index), np.nan)},
                        attrs={"box_size": box, "angpix": angpix, "iteration": 0, "half": h, "shard": s,
                               "config_hash": h5.config_hash(opts)}, compression=compression)
-    order = int(search["pose_search_order"])
-    schedule = Schedule(order, float(search["offset_range_px"]), float(search["offset_step_px"]),
-                        local=order >= int(search["auto_local_order"]))
     r_star = relion_round(box * angpix / float(opts["ini_high_A"]))
     limit = r_max_for_resolution(box, angpix, opts["maxres_A"])
     next_is_final = bool(opts["first"]["final"])
@@ -468,9 +468,7 @@ def initial_model(store_path, reference_path, out_model, out_sampling, out_volum
              "incr_size": int(opts["incr_size"]), "iterations_without_resolution_gain": 0, "converged": False,
              "final": False, "next_is_final": next_is_final,
              "next_r_max": limit if next_is_final else min(limit, next_r_max(r_star, int(opts["incr_size"]), box)),
-             "search": {"sigma2": sigma2, "sigma_offset_A": [float(search["sigma_offset_A"])] * 2, "perturb": 0.0,
-                        "angle_change_deg": None, "offset_change_A": 0.0, "mean_pmax": None,
-                        "high_fsc_at_limit": False, "schedule": asdict(schedule), "converged": False}}
+             "search": {**search_state, "high_fsc_at_limit": False, "schedule": asdict(schedule), "converged": False}}
     _write_json(out_model, model)
     _write_json(out_sampling, {"iteration": 1, "schedule": asdict(schedule),
                                "perturb": next_perturbation(0.0, ropts.perturb, seed=ropts.random_seed, iteration=0)})
@@ -648,15 +646,8 @@ def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str,
     iteration's image size (`current_size`)."""
     ov = int(search["oversampling"])
     if prev is None:
-        ropts = search_options(search, symmetry=symmetry)
         with h5.ParticleStore(store_path) as store:
-            sigma2 = [starting_sigma2(store, half=h, ropts=ropts).tolist() for h in (1, 2)]
-        order = int(search["pose_search_order"])
-        schedule = Schedule(order, float(search["offset_range_px"]), float(search["offset_step_px"]),
-                            local=order >= int(search["auto_local_order"]))
-        out = {"sigma2": sigma2,
-               "sigma_offset_A": [float(search["sigma_offset_A"])] * 2, "perturb": 0.0, "angle_change_deg": None,
-               "offset_change_A": 0.0, "mean_pmax": None}
+            out, schedule = _starting_search(store, search, symmetry)
     else:
         noise = [h5.read_noise(sums1), h5.read_noise(sums2)]
         sampling = _read_json(prev_sampling)
@@ -685,11 +676,12 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
 
     opts: maxres_A, tau2_fudge and the iteration_schedule() entries (mode, incr_size, ...);
     low_resol_join_A: the halves' sums are averaged within that resolution, or within the previous
-    resolution if lower, before the FSC (RELION --low_resol_join_halves; `autorefine.join_shell`); with a
-    pose search also `search` and `symmetry`, and then poses / prev_poses (this and the previous
-    iteration's poses files) and prev_sampling (the previous iteration's sampling.json) after a
-    search, or the particle `store` (starting noise spectra) after iteration 1 without a reference. Without a pose search the run has converged after an iteration without
-    resolution gain; with one, by RELION's test (`Schedule.converged`).
+    resolution if lower, before the FSC (RELION --low_resol_join_halves; `autorefine.join_shell`);
+    with a pose search also `search` and `symmetry`, and then poses / prev_poses (this and the
+    previous iteration's poses files) and prev_sampling (the previous iteration's sampling.json)
+    after a search, or the particle `store` (starting noise spectra) after iteration 1 without a
+    reference. Without a pose search the run has converged after an iteration without resolution
+    gain; with one, by RELION's test (`Schedule.converged`).
     """
     d1, w1, a1 = h5.read_sums(sums1, expect={"iteration": iteration, "half": 1})
     d2, w2, a2 = h5.read_sums(sums2, expect={"iteration": iteration, "half": 2, "r_max": a1["r_max"],
@@ -713,8 +705,9 @@ def model_update(sums1, sums2, out_model, *, iteration: int, opts: dict, prev_mo
     search = None
     if opts.get("search"):
         search = _search_update(sums1, sums2, iteration=iteration, search=opts["search"], symmetry=opts["symmetry"],
-                                final=final, gain=gain, curve=curve, current_size=min(box, 2 * r_max), prev=prev, angpix=angpix, poses=poses,
-                                prev_poses=prev_poses, prev_sampling=prev_sampling, store_path=store)
+                                final=final, gain=gain, curve=curve, current_size=min(box, 2 * r_max), prev=prev,
+                                angpix=angpix, poses=poses, prev_poses=prev_poses, prev_sampling=prev_sampling,
+                                store_path=store)
         converged = search["converged"]
     else:
         converged = no_gain >= 1
@@ -849,8 +842,9 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
     devices = devices or [Device()]
     volume = _reconstruct(data, weight, grid, opts, devices, tau2=tau2)
     if opts.get("flatten_solvent") and not model["final"]:
-        diameter_A = opts["flatten_solvent"]["particle_diameter_A"] or (grid.box_size - 5) * float(attrs["angpix"])
-        volume = solvent_flatten(volume, diameter_A / (2 * float(attrs["angpix"])))
+        angpix = float(attrs["angpix"])
+        diameter_A = particle_diameter(opts["flatten_solvent"]["particle_diameter_A"], grid.box_size, angpix)
+        volume = solvent_flatten(volume, diameter_A / (2 * angpix))
     out = {"box_size": grid.box_size, "angpix": float(attrs["angpix"]), "pad": grid.pad, "r_max": grid.r_max,
            "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]})}
     h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))

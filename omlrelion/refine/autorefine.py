@@ -214,6 +214,27 @@ def circular_mask(n: int, radius_px: float, xp, *, width: float = 5.0):
     return 1.0 - soft_edge(xp.sqrt(c[:, None] ** 2 + c[None, :] ** 2), radius=radius_px, width=width)
 
 
+def particle_diameter(particle_diameter_A: float | None, box_size: int, angpix: float) -> float:
+    """The particle diameter in A: the one given, or (N - 5) pixels (RELION's default)."""
+    return particle_diameter_A or (box_size - 5) * angpix
+
+
+def starting_sigma2(images, opts: RefineOptions, *, angpix: float) -> np.ndarray:
+    """A half set's starting noise spectrum (spec 5.9, `initial_sigma2`) from its first
+    SIGMA2_PARTICLES images (P, N, N), masked to the particle diameter with `opts.zero_mask`."""
+    n = images.shape[-1]
+    first = np.asarray(images).astype(np.float64)
+    if opts.zero_mask:
+        first = first * circular_mask(n, particle_diameter(opts.particle_diameter_A, n, angpix) / (2 * angpix), np)
+    return initial_sigma2(rfft2_centred(first))
+
+
+def starting_schedule(opts: RefineOptions) -> Schedule:
+    """The first iteration's sampling: `healpix_order` and the offsets, local from `auto_local_order`."""
+    return Schedule(opts.healpix_order, opts.offset_range_px, opts.offset_step_px,
+                    local=opts.healpix_order >= opts.auto_local_order)
+
+
 def solvent_flatten(volume, radius_px: float, *, width: float = 5.0):
     """RELION's --flatten_solvent without a user mask: multiply by a soft sphere (1 inside, 0 outside)."""
     mask = soft_sphere(volume.shape[0], radius_px, width=width, xp=get_xp(volume), dtype=volume.dtype)
@@ -267,23 +288,18 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     m, n = images.shape[0], images.shape[-1]
     halves = np.asarray(halves)
     apix = optics.angpix
-    diameter_A = opts.particle_diameter_A or (n - 5) * apix
-    radius_px = diameter_A / (2 * apix)
-    mask_h = circular_mask(n, radius_px, np) if opts.zero_mask else None
+    radius_px = particle_diameter(opts.particle_diameter_A, n, apix) / (2 * apix)
     if state is None:
         start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=apix, resolution_A=opts.ini_high_A)
-        sigma2 = []
-        for h in (1, 2):                # RELION: from up to 1000 particles (spec 5.9)
-            first = images[np.flatnonzero(halves == h)[:SIGMA2_PARTICLES]].astype(np.float64)
-            sigma2.append(initial_sigma2(rfft2_centred(first if mask_h is None else first * mask_h)))
+        sigma2 = [starting_sigma2(images[np.flatnonzero(halves == h)[:SIGMA2_PARTICLES]], opts, angpix=apix)
+                  for h in (1, 2)]
         state = RefineState(
             maps=[start, start.copy()], sigma2=sigma2, sigma_offset_A=[opts.sigma_offset_A] * 2,
             r_star=relion_round(n * apix / opts.ini_high_A),
             eulers=np.zeros((m, 3)) if initial_eulers is None else np.array(initial_eulers, dtype=np.float64),
             shifts_px=np.zeros((m, 2)) if initial_shifts_px is None else np.array(initial_shifts_px, dtype=np.float64),
             pmax=np.zeros(m), n_significant=np.zeros(m, dtype=np.int64),
-            schedule=Schedule(opts.healpix_order, opts.offset_range_px, opts.offset_step_px,
-                              local=opts.healpix_order >= opts.auto_local_order),
+            schedule=starting_schedule(opts),
             incr_size=opts.incr_size)
     sch = state.schedule
     ov = max(opts.oversampling, 0)
@@ -460,7 +476,7 @@ def expect_particles(images, ctf: CtfParams, optics: Optics, rows, volume, sigma
     real = np.float64 if device.gpu is None else np.float32
     cplx = np.result_type(real, np.complex64)
     ov = max(opts.oversampling, 0)
-    diameter_A = opts.particle_diameter_A or (n - 5) * apix
+    diameter_A = particle_diameter(opts.particle_diameter_A, n, apix)
     sampling = Sampling(schedule.order, schedule.offset_range_px, schedule.offset_step_px, symmetry=opts.symmetry,
                         perturb=perturb)
     all_eulers, shifts = sampling.eulers(), sampling.shifts
