@@ -77,6 +77,15 @@ class Device:
         with self.use():
             return cp.asarray(a)
 
+    def free_bytes(self) -> int | None:
+        """Memory a new allocation can get on this GPU (the driver's free bytes plus the CuPy pool's
+        unused blocks); None on the host."""
+        if self.gpu is None:
+            return None
+        with self.use():
+            free, _ = cp.cuda.runtime.memGetInfo()
+            return int(free + cp.get_default_memory_pool().free_bytes())
+
     def synchronize(self) -> None:
         if self.gpu is not None:
             with self.use():

@@ -85,6 +85,7 @@ from omlrelion.refine.autorefine import (
     next_perturbation,
     next_r_max,
     particle_diameter,
+    resident_images,
     solvent_flatten,
     starting_schedule,
     starting_sigma2,
@@ -395,7 +396,7 @@ def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sa
     samples, noise sums)."""
     search = model["search"]
     schedule = Schedule(**sampling["schedule"])
-    images = store.read_images(index)
+    images = resident_images(store.read_images(index), device)
     ctf = _ctf_params(store, index, columns)
     eulers, shifts = np.array(eulers, dtype=np.float64), np.array(shifts, dtype=np.float64)
     pmax, n_sig = np.zeros(len(index)), np.zeros(len(index), dtype=np.int64)

@@ -54,14 +54,14 @@ def tau2_from_fsc(weight_ftc, curve, *, grid: PaddedGrid, whole_data: bool = Tru
     Returns (tau2, sigma2, ssnr), each (r_max + 1,) float64.
     """
     xp = get_xp(weight_ftc)
-    w = to_numpy(weight_ftc).astype(np.float64)
     c = grid.size // 2
     k = np.arange(-c, c + 1)
     r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(grid.half)[None, None, :] ** 2
-    inside = r2 < grid.r2_sphere
-    shell = np.floor(np.sqrt(r2[inside]) / grid.pad + 0.5).astype(np.int64)
+    inside = np.flatnonzero(r2 < grid.r2_sphere)
+    shell = np.floor(np.sqrt(r2.ravel()[inside]) / grid.pad + 0.5).astype(np.int64)
     n_shells = grid.r_max + 1
-    s_sum = np.bincount(shell, weights=grid.pad**3 * w[inside], minlength=n_shells)[:n_shells]
+    w = weight_ftc.reshape(-1)[xp.asarray(inside)].astype(xp.float64)
+    s_sum = to_numpy(xp.bincount(xp.asarray(shell), weights=grid.pad**3 * w, minlength=n_shells))[:n_shells]
     n_cnt = np.bincount(shell, minlength=n_shells)[:n_shells].astype(np.float64)
     sigma2 = np.where(s_sum > 1e-10, n_cnt / np.where(s_sum > 1e-10, s_sum, 1.0), 0.0)
     f = np.zeros(n_shells)
@@ -72,7 +72,6 @@ def tau2_from_fsc(weight_ftc, curve, *, grid: PaddedGrid, whole_data: bool = Tru
         f = np.sqrt(2 * f / (1 + f))
     f = np.minimum(0.999, f)
     ssnr = fudge * f / (1 - f)
-    del xp
     return ssnr * sigma2, sigma2, ssnr
 
 
@@ -86,18 +85,20 @@ def fsc_from_sums(data1, weight1, data2, weight2, *, grid: PaddedGrid) -> np.nda
     sum(data) / sum(weight); FSC over cells with |k| <= r_max, shell round(|k|); FSC[0] = 1 and
     shells beyond r_max are 0. Returns (box_size//2 + 1,) float64.
     """
+    xp = get_xp(data1, weight1, data2, weight2)
     c, half, r = grid.size // 2, grid.half, grid.r_max
     k = relion_round(np.arange(-c, c + 1) / grid.pad)
     kx = relion_round(np.arange(half) / grid.pad)
     down, dh = 2 * (r + 1) + 1, r + 2
-    cell = (((k[:, None, None] + r + 1) * down + (k[None, :, None] + r + 1)) * dh + kx[None, None, :]).ravel()
+    cell = xp.asarray((((k[:, None, None] + r + 1) * down + (k[None, :, None] + r + 1)) * dh
+                       + kx[None, None, :]).ravel())
     size = down * down * dh
 
     def average(data, weight):
-        s = np.bincount(cell, weights=data.real.ravel(), minlength=size) \
-            + 1j * np.bincount(cell, weights=data.imag.ravel(), minlength=size)
-        w = np.bincount(cell, weights=weight.ravel().astype(np.float64), minlength=size)
-        return np.where(w > 0, s / np.where(w > 0, w, 1.0), 0.0)
+        s = xp.bincount(cell, weights=data.real.ravel().astype(xp.float64), minlength=size) \
+            + 1j * xp.bincount(cell, weights=data.imag.ravel().astype(xp.float64), minlength=size)
+        w = xp.bincount(cell, weights=weight.ravel().astype(xp.float64), minlength=size)
+        return to_numpy(xp.where(w > 0, s / xp.where(w > 0, w, 1.0), 0.0))
 
     a1, a2 = average(data1, weight1), average(data2, weight2)
     g = np.arange(-(r + 1), r + 2)

@@ -106,8 +106,8 @@ class RefineState:
     offset_change_A: float = 0.0        # RMS offset change of the last iteration
     perturb: float = 0.0                # the sampling grids' random perturbation rho, in coarse steps
     converged: bool = False
-    last_sums: list = None              # the last iteration's (data, weight) per half, and its grid
-    last_grid: PaddedGrid = None
+    last_sums: list = None              # the final iteration's (data, weight) per half (host)
+    last_grid: PaddedGrid = None        # the last iteration's padded grid
 
 
 def window_2d(a_ft, c: int):
@@ -119,30 +119,37 @@ def window_2d(a_ft, c: int):
 
 
 def initial_sigma2(images_ft) -> np.ndarray:
-    """Per-shell noise power (spec 5.9): mean |F|^2 / 2 - |mean F|^2 / 2 (negative values: previous shell)."""
+    """Per-shell noise power (spec 5.9): mean |F|^2 / 2 - |mean F|^2 / 2 (negative values: previous shell).
+    images_ft: NumPy or CuPy (summed in float64); returns NumPy."""
+    xp = get_xp(images_ft)
     n = images_ft.shape[-2]
     shells = shell_index(n).ravel()
     n_shells = n // 2 + 1
-    keep = shells < n_shells
-    power = np.mean(np.abs(images_ft) ** 2, axis=0).ravel()
-    mean_power = np.abs(images_ft.mean(axis=0)).ravel() ** 2
+    keep = np.flatnonzero(shells < n_shells)
+    s_keep = xp.asarray(shells[keep])
+    k_dev = xp.asarray(keep)
+    f = images_ft.astype(xp.complex128, copy=False).reshape(len(images_ft), -1)
+    power = (xp.abs(f) ** 2).mean(axis=0)[k_dev]
+    mean_power = xp.abs(f.mean(axis=0))[k_dev] ** 2
     count = np.bincount(shells[keep], minlength=n_shells)
-    s = (np.bincount(shells[keep], weights=power[keep], minlength=n_shells)
-         - np.bincount(shells[keep], weights=mean_power[keep], minlength=n_shells)) / (2 * np.maximum(count, 1))
+    s = to_numpy(xp.bincount(s_keep, weights=power, minlength=n_shells)
+                 - xp.bincount(s_keep, weights=mean_power, minlength=n_shells)) / (2 * np.maximum(count, 1))
     for r in range(len(s)):
         if s[r] <= 0:
             s[r] = s[r - 1] if r > 0 else s[s > 0].min()
     return s
 
 
-def low_pass(volume, *, angpix: float, resolution_A: float) -> np.ndarray:
-    """Zero the map's Fourier components beyond `resolution_A` (sharp cut, as RELION's ini_high)."""
+def low_pass(volume, *, angpix: float, resolution_A: float):
+    """Zero the map's Fourier components beyond `resolution_A` (sharp cut, as RELION's ini_high);
+    on the volume's device, in its precision."""
+    xp = get_xp(volume)
     n = volume.shape[0]
-    f = np.fft.rfftn(volume)
-    k = np.fft.fftfreq(n) * n
-    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2)
+    f = xp.fft.rfftn(volume)
+    k = xp.fft.fftfreq(n) * n
+    r = xp.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + xp.arange(n // 2 + 1)[None, None, :] ** 2)
     f[r > n * angpix / resolution_A] = 0
-    return np.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
+    return xp.fft.irfftn(f, s=volume.shape, axes=(0, 1, 2))
 
 
 def fine_pass_batch(vft, images, ctf, noise_weight, pixels, sampling, coarse_posterior, log_prior_t, data, weight,
@@ -173,7 +180,8 @@ def fine_pass_batch(vft, images, ctf, noise_weight, pixels, sampling, coarse_pos
         sums.append(accumulate(data, weight, images[r], ctf[r], inv_sigma2, f.posterior, f.eulers, f.shifts_px,
                                box_size=box_size, pad=pad, r_padded=r_padded,
                                projections=f.projections if noise_sums else None, angpix=angpix,
-                               old_offsets_px=centres_px[rows], noise_images=masked_images[r]))
+                               old_offsets_px=centres_px[rows], noise_images=masked_images[r],
+                               slots=(f.t_index, f.r_index)))
     return eulers, shifts, pmax, n_sig, sums
 
 
@@ -219,14 +227,17 @@ def particle_diameter(particle_diameter_A: float | None, box_size: int, angpix: 
     return particle_diameter_A or (box_size - 5) * angpix
 
 
-def starting_sigma2(images, opts: RefineOptions, *, angpix: float) -> np.ndarray:
+def starting_sigma2(images, opts: RefineOptions, *, angpix: float, device: Device = Device()) -> np.ndarray:
     """A half set's starting noise spectrum (spec 5.9, `initial_sigma2`) from its first
-    SIGMA2_PARTICLES images (P, N, N), masked to the particle diameter with `opts.zero_mask`."""
+    SIGMA2_PARTICLES images (P, N, N), masked to the particle diameter with `opts.zero_mask`;
+    computed in float64 on `device`."""
     n = images.shape[-1]
-    first = np.asarray(images).astype(np.float64)
-    if opts.zero_mask:
-        first = first * circular_mask(n, particle_diameter(opts.particle_diameter_A, n, angpix) / (2 * angpix), np)
-    return initial_sigma2(rfft2_centred(first))
+    with device.use():
+        xp = device.xp
+        first = xp.asarray(images, dtype=xp.float64)
+        if opts.zero_mask:
+            first = first * circular_mask(n, particle_diameter(opts.particle_diameter_A, n, angpix) / (2 * angpix), xp)
+        return initial_sigma2(rfft2_centred(first))
 
 
 def starting_schedule(opts: RefineOptions) -> Schedule:
@@ -289,10 +300,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
     halves = np.asarray(halves)
     apix = optics.angpix
     radius_px = particle_diameter(opts.particle_diameter_A, n, apix) / (2 * apix)
+    work = resident_images(images, device)
     if state is None:
-        start = low_pass(np.asarray(initial_map, dtype=np.float64), angpix=apix, resolution_A=opts.ini_high_A)
-        sigma2 = [starting_sigma2(images[np.flatnonzero(halves == h)[:SIGMA2_PARTICLES]], opts, angpix=apix)
-                  for h in (1, 2)]
+        with device.use():
+            start = to_numpy(low_pass(device.xp.asarray(initial_map, dtype=np.float64), angpix=apix,
+                                      resolution_A=opts.ini_high_A))
+        sigma2 = [starting_sigma2(work[np.flatnonzero(halves == h)[:SIGMA2_PARTICLES]], opts, angpix=apix,
+                                  device=device) for h in (1, 2)]
         state = RefineState(
             maps=[start, start.copy()], sigma2=sigma2, sigma_offset_A=[opts.sigma_offset_A] * 2,
             r_star=relion_round(n * apix / opts.ini_high_A),
@@ -331,7 +345,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         sums, stats = [], []
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
-            found = expect_particles(images, ctf, optics, idx, state.maps[h - 1], state.sigma2[h - 1],
+            found = expect_particles(work, ctf, optics, idx, state.maps[h - 1], state.sigma2[h - 1],
                                      state.sigma_offset_A[h - 1], state.eulers[idx], state.shifts_px[idx],
                                      schedule=sch, perturb=state.perturb, r_max=r_max, opts=opts, device=device,
                                      bar=bar)
@@ -352,12 +366,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         state.offset_change_A = offset_change
         if opts.low_resol_join_A:
             low_resolution_join(sums, grid=grid, shell=join_shell(opts.low_resol_join_A, n, apix, state.r_star))
-        host = [(to_numpy(d).astype(np.complex128), to_numpy(w).astype(np.float64)) for d, w in sums]
-        curve = fsc_from_sums(host[0][0], host[0][1], host[1][0], host[1][1], grid=grid)
+        with device.use():
+            curve = fsc_from_sums(sums[0][0], sums[0][1], sums[1][0], sums[1][1], grid=grid)
         spectra = []
         for h in (1, 2):
             data, weight = sums[h - 1]
-            tau2, sigma2_ref, ssnr = tau2_from_fsc(host[h - 1][1], curve, grid=grid, whole_data=False)
+            with device.use():
+                tau2, sigma2_ref, ssnr = tau2_from_fsc(weight, curve, grid=grid, whole_data=False)
             spectra.append({"tau2": tau2.tolist(), "sigma2_ref": sigma2_ref.tolist(), "ssnr": ssnr.tolist()})
             with device.use():
                 new_map = reconstruct_map(data, weight, box_size=n, pad=opts.pad, r_max=r_max,
@@ -367,11 +382,13 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
                 state.maps[h - 1] = to_numpy(new_map).astype(np.float64)
             state.sigma2[h - 1] = update_sigma2(state.sigma2[h - 1], stats[h - 1])
             state.sigma_offset_A[h - 1] = update_sigma_offset(stats[h - 1])
+        state.last_grid = grid
+        if final:           # the caller joins them
+            state.last_sums = [(to_numpy(d).astype(np.complex128), to_numpy(w).astype(np.float64)) for d, w in sums]
         del sums
         _update_resolution(state, curve, n, found.current_size)
         if not final:
             sch.record_changes(angle_change, offset_change, ov=ov, angpix=apix)
-        state.last_sums, state.last_grid = host, grid
         state.history.append({"r_max": r_max, "current_size": found.current_size, "fsc": curve.tolist(),
                               "r_star": state.r_star,
                               "resolution_A": n * apix / state.r_star, "ave_pmax": float(state.pmax.mean()),
@@ -386,6 +403,15 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         if on_iteration is not None:
             on_iteration(state)
     return state
+
+
+def resident_images(images, device: Device, *, fraction: float = 0.25):
+    """The images for all iterations: on a GPU, copied there once as float32 when they take at most
+    `fraction` of its free memory (otherwise, as on the host, each batch is copied when used)."""
+    if device.gpu is None or images.size * 4 > fraction * device.free_bytes():
+        return images
+    with device.use():
+        return device.xp.asarray(images, dtype=np.float32)
 
 
 def _update_resolution(state: RefineState, curve, n: int, current_size: int) -> None:

@@ -148,93 +148,198 @@ def expectation(projections, images, ctf, noise_weight, shifts_px, pixels: HalfP
 
 @dataclass
 class FinePass:
-    """A batch's second (oversampled) pass: the fine orientations and shifts of the batch (the union of
-    its particles' children) and, per particle, its posterior over them and its best point."""
+    """Part of a batch's second (oversampled) pass, each particle on its own points.
+
+    The part shares one list of fine orientations (`eulers`, `projections`: the children of its
+    particles' significant coarse orientations) and one of fine shifts (`shifts_px`). Particle b's
+    points are the slots `t_index[b]` x `r_index[b]` into those lists (the children of its own
+    significant coarse shifts and orientations; padded slots hold the list's length and no
+    posterior), and `posterior[b]` is over them: zero below its threshold and off its own
+    significant pairs."""
 
     eulers: np.ndarray               # (Rf, 3)
     shifts_px: np.ndarray            # (Tf, 2)
-    posterior: object                # (B, Tf, Rf), zero below each threshold and off each particle's pairs
+    posterior: object                # (B, Tb, Rb) on the slots, zero below each threshold and off each particle's pairs
+    t_index: object                  # (B, Tb) int: each slot's row of shifts_px (Tf: padding)
+    r_index: object                  # (B, Rb) int: each slot's row of eulers / projections (Rf: padding)
     projections: object              # (Rf, n, n//2+1)
     best_euler: np.ndarray           # (B, 3)
     best_shift: np.ndarray           # (B, 2)
     pmax: np.ndarray                 # (B,)
     n_significant: np.ndarray        # (B,)
 
+    def points(self, b: int) -> dict:
+        """Particle b's posterior mass as {((x, y) shift, (rot, tilt, psi)): value} (rounded to 1e-6)."""
+        post, ti, ri = (to_numpy(a[b]) for a in (self.posterior, self.t_index, self.r_index))
+        return {(tuple(np.round(self.shifts_px[ti[i]], 6)), tuple(np.round(self.eulers[ri[j]], 6))): post[i, j]
+                for i, j in zip(*np.nonzero(post))}
 
-def fine_pass(volume_ftc, images, ctf, noise_weight, pixels: HalfPlanePixels, sampling, coarse_posterior,
-              shifts_px, *, box_size: int, pad: float, r_padded: int, log_prior_t=None, log_prior_r=None,
-              adaptive_fraction: float = 0.999, ov: int = 1, orientation_index=None) -> FinePass:
-    """RELION's pass 2 for a batch (spec 3.7): every coarse orientation with a significant (orientation,
-    shift) pair gives its 4^ov 2^ov fine orientations, and each significant coarse shift of it its 4^ov
-    fine shifts; a particle's D2 counts on its own pairs only. The batch shares one set of projections
-    (the union of its particles' children) and one matrix product.
 
-    images, ctf : (B, n, n//2+1); coarse_posterior : (B, T, R) of the first pass; log_prior_t (B, T)
-    and log_prior_r (B, R): the coarse shifts' and orientations' log priors, inherited by their
-    children. orientation_index: the `sampling.eulers()` index of each coarse column (a local
-    search's subset; default: all, in order)."""
+def _own_slots(mask, xp):
+    """(B, H) bool -> (B, K) the True columns of each row in ascending order, padded with H; K the
+    largest count of a row (at least 1)."""
+    b, h = mask.shape
+    k = max(int(mask.sum(axis=1).max()) if b else 0, 1)
+    col = xp.arange(h, dtype=xp.int64)[None, :]
+    return xp.sort(xp.where(mask, col, h + col), axis=1)[:, :k]
+
+
+@dataclass
+class _FineLists:
+    """A batch's fine points: the children of the coarse shifts and orientations significant for any
+    of its particles, their projections and phase factors on the likelihood's pixels."""
+
+    eulers: np.ndarray               # (Rf, 3)
+    shifts: np.ndarray               # (Tf, 2)
+    projections: object              # (Rf, n, n//2+1)
+    p: object                        # (Rf, K) the projections on the pixels
+    conj_phi: object                 # (Tf, K) exp(+2 pi i k.t / N)
+    t_pos: object                    # (T,) a coarse shift's position in the used list (k_t children from k_t pos)
+    r_pos: object                    # (R,) likewise for the coarse orientations
+    k_t: int
+    k_r: int
+
+
+def _fine_lists(volume_ftc, sig, sampling, shifts_px, pixels: HalfPlanePixels, images, *, box_size: int, pad: float,
+                r_padded: int, ov: int, orientation_index=None) -> _FineLists:
     from omlrelion.fourier.projector import extract_slices
     from omlrelion.geometry.euler import euler_to_matrix
     from omlrelion.refine.sampling import oversampled_orientations, oversampled_shifts
 
     xp = get_xp(images)
-    sig = coarse_posterior > 0                                               # (B, T, R)
+    _, n_t, n_r = sig.shape
     t_used = np.flatnonzero(to_numpy(sig.any(axis=(0, 2))))
     r_used = np.flatnonzero(to_numpy(sig.any(axis=(0, 1))))
     r_index = r_used if orientation_index is None else np.asarray(orientation_index)[r_used]
     fine_r = oversampled_orientations(sampling, r_index, ov)                 # (nr, k_r, 3)
     fine_t = oversampled_shifts(np.asarray(shifts_px)[t_used], sampling.offset_step_px, ov)   # (nt, k_t, 2)
-    k_r, k_t = fine_r.shape[1], fine_t.shape[1]
     eulers, shifts = fine_r.reshape(-1, 3), fine_t.reshape(-1, 2)
-    t_d, r_d = xp.asarray(np.repeat(t_used, k_t)), xp.asarray(np.repeat(r_used, k_r))
-    allowed = sig[:, t_d][:, :, r_d]                                         # (B, Tf, Rf)
+    t_pos, r_pos = np.zeros(n_t, np.int64), np.zeros(n_r, np.int64)
+    t_pos[t_used], r_pos[r_used] = np.arange(len(t_used)), np.arange(len(r_used))
     n = images.shape[-2]
     proj = extract_slices(volume_ftc, xp.asarray(euler_to_matrix(eulers)), box_size=n, pad=pad, r_padded=r_padded)
-    logw = -squared_differences(proj, images, ctf, noise_weight, shifts, pixels, box_size=box_size)
+    real = images.real.dtype
+    kx, ky = xp.asarray(pixels.kx, dtype=real), xp.asarray(pixels.ky, dtype=real)
+    t = xp.asarray(shifts, dtype=real)
+    arg = (2 * math.pi / box_size) * (t[:, 0, None] * kx[None] + t[:, 1, None] * ky[None])   # (Tf, K)
+    return _FineLists(eulers, shifts, proj, proj.reshape(len(proj), -1)[:, xp.asarray(pixels.index)],
+                      (xp.cos(arg) + 1j * xp.sin(arg)).astype(images.dtype), xp.asarray(t_pos), xp.asarray(r_pos),
+                      fine_t.shape[1], fine_r.shape[1])
+
+
+def _own_points(lists: _FineLists, images, ctf, noise_weight, pixels: HalfPlanePixels, sig, *, log_prior_t=None,
+                log_prior_r=None, adaptive_fraction: float = 0.999) -> FinePass:
+    """Each particle of images (B, n, n//2+1) on its own fine points of `lists` (sig (B, T, R): its
+    significant coarse pairs), one batched matrix product over the particles."""
+    xp = get_xp(images)
+    b, n_t, n_r = sig.shape
+    k_t, k_r = lists.k_t, lists.k_r
+    t_own, r_own = _own_slots(sig.any(axis=2), xp), _own_slots(sig.any(axis=1), xp)     # (B, Tc), (B, Rc)
+    t_ok, r_ok = t_own < n_t, r_own < n_r
+    t_own, r_own = xp.where(t_ok, t_own, 0), xp.where(r_ok, r_own, 0)
+    # child q of the coarse point at position p of the used list is fine point p k + q
+    t_slot = (lists.t_pos[t_own][:, :, None] * k_t + xp.arange(k_t)[None, None]).reshape(b, -1)   # (B, Tb)
+    r_slot = (lists.r_pos[r_own][:, :, None] * k_r + xp.arange(k_r)[None, None]).reshape(b, -1)   # (B, Rb)
+    allowed = sig[xp.arange(b)[:, None, None], t_own[:, :, None], r_own[:, None, :]]
+    allowed &= t_ok[:, :, None] & r_ok[:, None, :]                           # (B, Tc, Rc)
+    allowed = xp.broadcast_to(allowed[:, :, None, :, None], (b, allowed.shape[1], k_t, allowed.shape[2], k_r))
+    allowed = allowed.reshape(b, t_slot.shape[1], r_slot.shape[1])
+
+    idx = xp.asarray(pixels.index)
+    real = images.real.dtype
+    p = lists.p
+    x = images.reshape(b, -1)[:, idx]                                        # (B, K)
+    c = ctf.reshape(b, -1)[:, idx].astype(real)
+    w = xp.asarray(noise_weight, dtype=real)
+    a = xp.take_along_axis((0.5 * w * c * c) @ (p.real**2 + p.imag**2).T, r_slot, axis=1)   # (B, Rb)
+    bx = (0.5 * w * (x.real**2 + x.imag**2)).sum(axis=1)                     # (B,)
+    m = (w * c * xp.conj(x))[:, None, :] * lists.conj_phi[t_slot]           # (B, Tb, K)
+    cross = xp.matmul(m, p[r_slot].transpose(0, 2, 1)).real                  # (B, Tb, Rb)
+    del m
+    EVALUATIONS[0] += int(cross.size)
+    logw = cross - a[:, None, :] - bx[:, None, None]                        # -D2
+    del cross
     if log_prior_t is not None:
-        logw = logw + xp.asarray(log_prior_t, dtype=logw.dtype)[:, t_d][:, :, None]
+        prior = xp.take_along_axis(xp.asarray(log_prior_t, dtype=logw.dtype), t_own, axis=1)
+        logw += xp.repeat(prior, k_t, axis=1)[:, :, None]
     if log_prior_r is not None:
-        logw = logw + xp.asarray(log_prior_r, dtype=logw.dtype)[:, r_d][:, None, :]
+        prior = xp.take_along_axis(xp.asarray(log_prior_r, dtype=logw.dtype), r_own, axis=1)
+        logw += xp.repeat(prior, k_r, axis=1)[:, None, :]
     logw = xp.where(allowed, logw, -xp.inf)
-    b = len(images)
     flat = logw.reshape(b, -1)
     flat = flat - flat.max(axis=1)[:, None]
     limit = -88.0 if flat.dtype == np.float32 else -700.0
-    w = xp.where(flat > limit, xp.exp(flat), 0.0)
-    total = w.sum(axis=1)
+    wt = xp.where(flat > limit, xp.exp(flat), 0.0)
+    total = wt.sum(axis=1)
     if not bool(xp.all(xp.isfinite(total) & (total > 0))):
         raise FloatingPointError("E-step: a particle's fine-pass weights sum to zero or are not finite")
-    theta = significant_threshold(w, adaptive_fraction)
-    keep = (w >= theta[:, None]) & (w > 0)
-    post = xp.where(keep, w / total[:, None], 0.0).reshape(logw.shape)
-    best = to_numpy(xp.argmax(w, axis=1))
-    bt, br = np.divmod(best, len(eulers))
-    return FinePass(eulers, shifts, post, proj, eulers[br], shifts[bt], to_numpy(w.max(axis=1) / total),
-                    to_numpy(keep.sum(axis=1)))
+    theta = significant_threshold(wt, adaptive_fraction)
+    keep = (wt >= theta[:, None]) & (wt > 0)
+    post = xp.where(keep, wt / total[:, None], 0.0).reshape(logw.shape)
+    best = xp.argmax(wt, axis=1)
+    rows = xp.arange(b)
+    bt = to_numpy(t_slot[rows, best // r_slot.shape[1]])
+    br = to_numpy(r_slot[rows, best % r_slot.shape[1]])
+    t_index = xp.where(xp.repeat(t_ok, k_t, axis=1), t_slot, len(lists.shifts))
+    r_index = xp.where(xp.repeat(r_ok, k_r, axis=1), r_slot, len(lists.eulers))
+    return FinePass(lists.eulers, lists.shifts, post, t_index, r_index, lists.projections, lists.eulers[br],
+                    lists.shifts[bt], to_numpy(wt.max(axis=1) / total), to_numpy(keep.sum(axis=1)))
+
+
+def fine_pass(volume_ftc, images, ctf, noise_weight, pixels: HalfPlanePixels, sampling, coarse_posterior,
+              shifts_px, *, box_size: int, pad: float, r_padded: int, log_prior_t=None, log_prior_r=None,
+              adaptive_fraction: float = 0.999, ov: int = 1, orientation_index=None) -> FinePass:
+    """RELION's pass 2 (spec 3.7) for a batch: every coarse orientation with a significant (orientation,
+    shift) pair of a particle gives its 4^ov 2^ov fine orientations, and each significant coarse shift
+    of that pair its 4^ov fine shifts; each particle is evaluated on its own points only (the
+    children of its significant coarse shifts x those of its significant coarse orientations), its
+    D2 counting on its own significant pairs. One part: `fine_pass_parts` splits a batch.
+
+    images, ctf : (B, n, n//2+1); coarse_posterior : (B, T, R) of the first pass; log_prior_t (B, T)
+    and log_prior_r (B, R): the coarse shifts' and orientations' log priors, inherited by their
+    children. orientation_index: the `sampling.eulers()` index of each coarse column (a local
+    search's subset; default: all, in order)."""
+    sig = coarse_posterior > 0
+    lists = _fine_lists(volume_ftc, sig, sampling, shifts_px, pixels, images, box_size=box_size, pad=pad,
+                        r_padded=r_padded, ov=ov, orientation_index=orientation_index)
+    return _own_points(lists, images, ctf, noise_weight, pixels, sig, log_prior_t=log_prior_t,
+                       log_prior_r=log_prior_r, adaptive_fraction=adaptive_fraction)
 
 
 def fine_pass_parts(volume_ftc, images, ctf, noise_weight, pixels, sampling, coarse_posterior, shifts_px, *,
-                    max_elements: int = 2**25, log_prior_t=None, log_prior_r=None, **kwargs):
-    """`fine_pass` on a batch split into parts whose (B, Tf, Rf) posterior stays within `max_elements`:
-    yields (rows of the batch, FinePass of those rows)."""
+                    box_size: int, pad: float, r_padded: int, max_elements: int = 2**26, log_prior_t=None,
+                    log_prior_r=None, adaptive_fraction: float = 0.999, ov: int = 1, orientation_index=None):
+    """`fine_pass` on a batch in parts: yields (rows of the batch, FinePass of those rows).
+
+    The batch's fine points are projected once. The particles go by their number of significant
+    coarse points, most first, in parts of similar particles (a part's padding at most 2x on
+    orientations), each part within `max_elements` of per-particle shifted images, projections and
+    squared differences."""
     xp = get_xp(images)
-    b = len(images)
+    sig = coarse_posterior > 0
+    lists = _fine_lists(volume_ftc, sig, sampling, shifts_px, pixels, images, box_size=box_size, pad=pad,
+                        r_padded=r_padded, ov=ov, orientation_index=orientation_index)
+    n_r = to_numpy(sig.any(axis=1).sum(axis=1)) * lists.k_r                 # (B,) fine orientations of each
+    n_t = to_numpy(sig.any(axis=2).sum(axis=1)) * lists.k_t
+    k = len(pixels.index)
+    order = np.lexsort((-n_t, -n_r))
     log_prior_t = None if log_prior_t is None else xp.asarray(log_prior_t)
     log_prior_r = None if log_prior_r is None else xp.asarray(log_prior_r)
-    sig = coarse_posterior > 0
-    ov = kwargs.get("ov", 1)
-    size = b * int(sig.any(axis=(0, 2)).sum()) * int(sig.any(axis=(0, 1)).sum()) * 2 ** (5 * ov)
-    if size > max_elements and b > 1:
-        for rows in (np.arange(b // 2), np.arange(b // 2, b)):
-            for sub, part in fine_pass_parts(
-                    volume_ftc, images[rows], ctf[rows], noise_weight, pixels, sampling, coarse_posterior[rows],
-                    shifts_px, max_elements=max_elements,
-                    log_prior_t=None if log_prior_t is None else log_prior_t[xp.asarray(rows)],
-                    log_prior_r=None if log_prior_r is None else log_prior_r[xp.asarray(rows)], **kwargs):
-                yield rows[sub], part
-        return
-    yield np.arange(b), fine_pass(volume_ftc, images, ctf, noise_weight, pixels, sampling, coarse_posterior,
-                                  shifts_px, log_prior_t=log_prior_t, log_prior_r=log_prior_r, **kwargs)
+    start = 0
+    while start < len(order):
+        r_max, t_max, stop = n_r[order[start]], 0, start
+        while stop < len(order) and 2 * n_r[order[stop]] >= r_max:
+            t_next = max(t_max, n_t[order[stop]])
+            if stop > start and (stop - start + 1) * (r_max * k + t_next * k + 3 * t_next * r_max) > max_elements:
+                break
+            t_max, stop = t_next, stop + 1
+        rows = np.sort(order[start:stop])
+        r = xp.asarray(rows)
+        yield rows, _own_points(lists, images[r], ctf[r], noise_weight, pixels, sig[r],
+                                log_prior_t=None if log_prior_t is None else log_prior_t[r],
+                                log_prior_r=None if log_prior_r is None else log_prior_r[r],
+                                adaptive_fraction=adaptive_fraction)
+        start = stop
 
 
 __all__ = ["EStepResult", "FinePass", "fine_pass", "fine_pass_parts", "HalfPlanePixels", "expectation", "offset_log_prior", "significant_threshold",

@@ -45,14 +45,17 @@ def phase_ramps(shifts_px, n: int, box_size: int, xp, dtype):
 
 
 def accumulate(data, weight, images, ctf, inv_sigma2, posterior, eulers, shifts_px, *, box_size: int, pad: float,
-               r_padded: int, projections=None, old_offsets_px=None, angpix: float = 1.0, noise_images=None):
+               r_padded: int, projections=None, old_offsets_px=None, angpix: float = 1.0, noise_images=None,
+               slots=None):
     """Add one batch's posterior-weighted slices to a half's sums (in place) and return its other sums.
 
     images : (B, n, n//2+1) unmasked image transforms on the current window; ctf likewise (real);
     inv_sigma2 : (n, n//2+1) 1/sigma2 per pixel (DC included); posterior : (B, T, R) (zero where
-    not significant); eulers (R, 3) degrees; shifts_px (T, 2). With `projections` (R, n, n//2+1)
-    the noise sums per shell are also made, from `noise_images` (the likelihood's masked images;
-    default `images`). old_offsets_px (B, 2): the offsets the trial shifts are relative to.
+    not significant); eulers (R, 3) degrees; shifts_px (T, 2). With `slots` = (t_index (B, Tb),
+    r_index (B, Rb)) the posterior is (B, Tb, Rb) on each particle's own shifts and orientations
+    (`expectation.FinePass`). With `projections` (R, n, n//2+1) the noise sums per shell are also
+    made, from `noise_images` (the likelihood's masked images; default `images`). old_offsets_px
+    (B, 2): the offsets the trial shifts are relative to.
 
     The whole batch goes at once: its (particle, orientation) pairs with posterior mass, their
     shift sums sum_t gamma phi_t as one matrix product, one slice insertion for all pairs.
@@ -64,24 +67,37 @@ def accumulate(data, weight, images, ctf, inv_sigma2, posterior, eulers, shifts_
     n = images.shape[-2]
     cplx = images.dtype
     n_shells = n // 2 + 1
+    n_t = len(shifts_px)
     out = {"sigma2_sum": np.zeros(n_shells), "sigma2_count": np.zeros(n_shells), "offset_sum": 0.0,
            "gamma_sum": 0.0}
-    g = xp.asarray(posterior)                                                # (B, T, R)
+    g = xp.asarray(posterior)                                                # (B, T, R) or (B, Tb, Rb)
     mass = g.sum(axis=1)                                                     # (B, R)
-    bb, rr = xp.nonzero(mass > 0)
+    bb, jj = xp.nonzero(mass > 0)
     if bb.size == 0:
         return out
-    phi = phase_ramps(shifts_px, n, box_size, xp, cplx).reshape(len(shifts_px), -1)     # (T, K)
-    gp = g[bb, :, rr].astype(cplx)                                           # (P, T)
+    gp = g[bb, :, jj]                                                        # (P, T) or (P, Tb)
+    gamma_t = g.sum(axis=2)                                                  # (B, T) or (B, Tb)
+    rr = jj
+    if slots is not None:                 # onto the batch's shift list (a particle's slots are distinct)
+        t_index, r_index = slots
+        rr = r_index[bb, jj]
+        dense = xp.zeros((len(bb), n_t + 1), dtype=gp.dtype)
+        dense[xp.arange(len(bb))[:, None], t_index[bb]] = gp
+        gp = dense[:, :n_t]
+        dense = xp.zeros((len(g), n_t + 1), dtype=gamma_t.dtype)
+        dense[xp.arange(len(g))[:, None], t_index] = gamma_t
+        gamma_t = dense[:, :n_t]
+    phi = phase_ramps(shifts_px, n, box_size, xp, cplx).reshape(n_t, -1)    # (T, K)
+    gp = gp.astype(cplx)
     ramp = (gp @ phi).reshape(len(bb), n, -1)                                # sum_t gamma phi_t per pair
     w = xp.asarray(inv_sigma2, dtype=images.real.dtype)
-    m = mass[bb, rr][:, None, None].astype(w.dtype)
+    m = mass[bb, jj][:, None, None].astype(w.dtype)
     f_img = (w * ctf * images)[bb] * ramp
     f_wgt = (w * ctf * ctf)[bb] * m
     insert_slices(data, weight, f_img, f_wgt, euler_to_matrix(np.asarray(eulers)[to_numpy(rr)]), pad=pad,
                   r_padded=r_padded)
     del f_img, f_wgt
-    gamma_t = to_numpy(g.sum(axis=2))                                        # (B, T)
+    gamma_t = to_numpy(gamma_t)                                              # (B, T)
     t = np.asarray(shifts_px, dtype=np.float64)
     o = np.zeros((len(images), 2)) if old_offsets_px is None else np.asarray(old_offsets_px, dtype=np.float64)
     out["gamma_sum"] = float(gamma_t.sum())

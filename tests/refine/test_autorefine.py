@@ -92,6 +92,29 @@ def test_refinement_on_gpu_finds_the_cpu_poses(rng):
     assert rel < 0.05
 
 
+@pytest.mark.gpu
+def test_images_kept_on_the_gpu_give_the_results_of_images_copied_per_batch(rng, monkeypatch):
+    """`resident_images` copies the set to the GPU once; without room each batch is copied when used:
+    the same computation on the same float32 values: the same poses, and maps equal up to the order
+    of the GPU's atomic sums."""
+    from omlrelion.backend import Device
+    from omlrelion.refine import autorefine
+
+    truth, _, _, optics, ctf, images, halves = _simulated(rng, 60, snr=4.0)
+    images = images.astype(np.float32)
+    opts = RefineOptions(healpix_order=1, offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, n_iter=1,
+                         zero_mask=True, batch=25)
+    resident = autorefine.resident_images(images, Device(0))
+    assert type(resident).__module__.startswith("cupy")
+    np.testing.assert_array_equal(resident.get(), images)
+    kept = refine(images, ctf, optics, halves, truth, opts, device=Device(0))
+    monkeypatch.setattr(autorefine, "resident_images", lambda images, device: images)
+    copied = refine(images, ctf, optics, halves, truth, opts, device=Device(0))
+    same = np.all(np.isclose(kept.eulers, copied.eulers), axis=1).mean()
+    rel = np.linalg.norm(kept.maps[0] - copied.maps[0]) / np.linalg.norm(copied.maps[0])
+    assert same > 0.95 and rel < 1e-4, (same, rel)
+
+
 def test_coarse_size_follows_relion_and_the_first_pass_may_use_it(rng):
     from omlrelion.refine.autorefine import coarse_size
 

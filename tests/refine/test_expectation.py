@@ -119,7 +119,7 @@ def test_fine_pass_only_evaluates_children_of_significant_pairs(rng):
     from omlrelion.fourier.projector import volume_to_ftc
     from omlrelion.pipeline.phantom import phantom_volume
     from omlrelion.refine.expectation import fine_pass
-    from omlrelion.refine.sampling import Sampling
+    from omlrelion.refine.sampling import Sampling, oversampled_orientations, oversampled_shifts
 
     n = 24
     vft = volume_to_ftc(phantom_volume(n, 6.0, seed=2).astype(np.float64), pad=2.0)
@@ -131,10 +131,14 @@ def test_fine_pass_only_evaluates_children_of_significant_pairs(rng):
     f = fine_pass(vft, image[None], np.ones((1, n, n // 2 + 1)), np.ones(len(pix.index)), pix, s, coarse[None],
                   s.shifts, box_size=n, pad=2.0, r_padded=n)
     assert f.eulers.shape == (16, 3) and f.shifts_px.shape == (12, 2)        # 2 orientations x 8, 3 shifts x 4
-    post = np.asarray(f.posterior)[0]
+    assert f.posterior.shape == (1, 12, 16)                                   # the particle's own points
+    children = {i: {tuple(np.round(e, 6)) for e in oversampled_orientations(s, [i])[0]} for i in (3, 40)}
+    shifts = {i: {tuple(np.round(t, 6)) for t in oversampled_shifts(s.shifts[[i]], 1.0)[0]} for i in (0, 1, 2)}
+    points = f.points(0)
     # orientation 40 was significant only with shift 1: its children get no mass with shifts 0 and 2
-    assert not post[:4, 8:].any() and not post[8:, 8:].any()
-    assert post.sum() == pytest.approx(1.0, abs=2e-3) and 1 <= f.n_significant[0] <= post.size
+    assert all((e in children[3] and t in shifts[0] | shifts[2]) or (e in children[40] and t in shifts[1])
+               for t, e in points)
+    assert sum(points.values()) == pytest.approx(1.0, abs=2e-3) and f.n_significant[0] == len(points)
     assert 0 < f.pmax[0] <= 1
 
 
@@ -167,12 +171,110 @@ def test_fine_pass_of_a_batch_equals_each_particle_alone(rng):
         assert together.pmax[i] == pytest.approx(alone.pmax[0], rel=1e-10)
         assert together.n_significant[i] == alone.n_significant[0]
         # the same posterior mass on the same (orientation, shift) points
-        mine = {(tuple(np.round(together.shifts_px[a], 6)), tuple(np.round(together.eulers[c], 6))): v
-                for a, c, v in zip(*np.nonzero(together.posterior[i]), together.posterior[i][together.posterior[i] > 0])}
-        ref = {(tuple(np.round(alone.shifts_px[a], 6)), tuple(np.round(alone.eulers[c], 6))): v
-               for a, c, v in zip(*np.nonzero(alone.posterior[0]), alone.posterior[0][alone.posterior[0] > 0])}
+        mine, ref = together.points(i), alone.points(0)
         assert mine.keys() == ref.keys()
         assert all(mine[k] == pytest.approx(ref[k], rel=1e-10) for k in ref)
+
+
+def _brute_force_fine_pass(vft, image, ctf, w, pix, s, coarse, prior_t, prior_r, n):
+    """One particle's second pass by definition: every child pair of its significant coarse pairs,
+    D2 from `squared_differences`, weights with the inherited priors, RELION's threshold."""
+    from omlrelion.fourier.projector import extract_slices
+    from omlrelion.refine.sampling import oversampled_orientations, oversampled_shifts
+
+    points = []
+    for t, r in zip(*np.nonzero(coarse)):
+        for e in oversampled_orientations(s, [r])[0]:
+            for sh in oversampled_shifts(s.shifts[[t]], s.offset_step_px)[0]:
+                proj = extract_slices(vft, euler_to_matrix(e[None]), box_size=n, pad=2.0, r_padded=n)
+                d2 = squared_differences(proj, image[None], ctf[None], w, sh[None], pix, box_size=n)[0, 0, 0]
+                points.append((tuple(np.round(sh, 6)), tuple(np.round(e, 6)), -d2 + prior_t[t] + prior_r[r]))
+    logw = np.array([p[2] for p in points])
+    wt = np.exp(logw - logw.max())
+    theta = significant_threshold(wt[None], 0.999)[0]
+    keep = wt >= theta
+    post = {(p[0], p[1]): v for p, v, k in zip(points, wt / wt.sum(), keep) if k}
+    return post, wt.max() / wt.sum()
+
+
+@pytest.mark.parametrize("max_elements", [2**26, 1])
+def test_fine_pass_equals_the_definition_particle_by_particle(rng, max_elements):
+    """Each particle's posterior, Pmax and best point against a brute-force evaluation of its own
+    points, with shift and orientation priors; max_elements 1 puts every particle in its own part."""
+    from omlrelion.fourier.projector import volume_to_ftc
+    from omlrelion.pipeline.phantom import phantom_volume
+    from omlrelion.refine.expectation import fine_pass_parts
+    from omlrelion.refine.sampling import Sampling
+
+    n = 16
+    vft = volume_to_ftc(phantom_volume(n, 4.0, seed=3).astype(np.float64), pad=2.0)
+    s = Sampling(1, 1.0, 1.0)
+    pix = HalfPlanePixels.of(n)
+    b, t, r = 5, len(s.shifts), len(s.eulers())
+    images = 0.01 * (rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1)))
+    ctf = rng.uniform(0.2, 1.0, size=(b, n, n // 2 + 1))
+    w = rng.uniform(0.5, 1.5, size=len(pix.index))
+    coarse = np.zeros((b, t, r))
+    for i in range(b):              # 1 to 4 significant pairs on a few shared orientations
+        k = 1 + i % 4
+        coarse[i, rng.integers(0, t, k), rng.choice([2, 7, 30, 31, 90], k)] = rng.uniform(0.1, 1, k)
+    prior_t, prior_r = rng.normal(size=(b, t)), rng.normal(size=(b, r))
+    parts = list(fine_pass_parts(vft, images, ctf, w, pix, s, coarse, s.shifts, max_elements=max_elements,
+                                 box_size=n, pad=2.0, r_padded=n, log_prior_t=prior_t, log_prior_r=prior_r))
+    assert sorted(np.concatenate([rows for rows, _ in parts]).tolist()) == list(range(b))
+    assert (len(parts) == b) == (max_elements == 1)
+    for rows, f in parts:
+        for j, i in enumerate(rows):
+            want, pmax = _brute_force_fine_pass(vft, images[i], ctf[i], w, pix, s, coarse[i], prior_t[i],
+                                                prior_r[i], n)
+            got = f.points(j)
+            assert got.keys() == want.keys()
+            assert all(got[k] == pytest.approx(want[k], rel=1e-9) for k in want)
+            assert f.pmax[j] == pytest.approx(pmax, rel=1e-9) and f.n_significant[j] == len(want)
+            best = max(want, key=want.get)
+            np.testing.assert_allclose(f.best_shift[j], best[0], atol=1e-6)
+            np.testing.assert_allclose(f.best_euler[j], best[1], atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_fine_pass_on_gpu_float32_matches_cpu_float64(rng):
+    import cupy as cp
+
+    from omlrelion.fourier.projector import volume_to_ftc
+    from omlrelion.pipeline.phantom import phantom_volume
+    from omlrelion.refine.expectation import fine_pass_parts
+    from omlrelion.refine.sampling import Sampling
+
+    n = 24
+    vol = phantom_volume(n, 6.0, seed=2).astype(np.float64)
+    s = Sampling(1, 1.0, 1.0)
+    pix = HalfPlanePixels.of(n)
+    b, t, r = 40, len(s.shifts), len(s.eulers())
+    images = 0.05 * (rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1)))
+    ctf = rng.uniform(0.2, 1.0, size=(b, n, n // 2 + 1))
+    w = rng.uniform(0.5, 1.5, size=len(pix.index))
+    coarse = np.zeros((b, t, r))
+    for i in range(b):
+        k = 1 + i % 6
+        coarse[i, rng.integers(0, t, k), rng.integers(0, r, k)] = rng.uniform(0.1, 1, k)
+    prior_t = rng.normal(size=(b, t))
+    kw = dict(box_size=n, pad=2.0, r_padded=n, log_prior_t=prior_t, max_elements=2**16)
+    cpu = {int(i): (f, j) for rows, f in fine_pass_parts(volume_to_ftc(vol, pad=2.0), images, ctf, w, pix, s,
+                                                          coarse, s.shifts, **kw) for j, i in enumerate(rows)}
+    gpu = fine_pass_parts(volume_to_ftc(cp.asarray(vol, dtype=np.float32), pad=2.0),
+                          cp.asarray(images.astype(np.complex64)), cp.asarray(ctf.astype(np.float32)),
+                          cp.asarray(w.astype(np.float32)), pix, s, cp.asarray(coarse), s.shifts, **kw)
+    seen = 0
+    for rows, f in gpu:
+        for j, i in enumerate(rows):
+            ref, k = cpu[int(i)]
+            np.testing.assert_allclose(f.best_euler[j], ref.best_euler[k])
+            np.testing.assert_allclose(f.best_shift[j], ref.best_shift[k])
+            assert f.pmax[j] == pytest.approx(ref.pmax[k], rel=1e-3)
+            mine, want = f.points(j), ref.points(k)
+            assert sum(abs(mine.get(key, 0.0) - want.get(key, 0.0)) for key in mine.keys() | want.keys()) < 1e-3
+            seen += 1
+    assert seen == b
 
 
 def test_accumulate_noise_sums_are_the_posterior_weighted_residuals(rng):

@@ -242,6 +242,45 @@ SEARCH = {"pose_search_order": 1, "offset_range_px": 1.0, "offset_step_px": 1.0,
           "sigma_offset_A": 10.0, "zero_mask": True, "perturb": 0.5, "seed": 0}
 
 
+@pytest.mark.gpu
+def test_pose_search_shard_on_a_gpu_matches_the_cpu(sim, tmp_path):
+    """An expectation job of a pose search on GPU 0 (float32) against the same job on the host
+    (float64): the same poses for nearly every particle, the same sums to float32 precision."""
+    from omlrelion.backend import Device
+
+    store = tmp_path / "p.h5"
+    wf.preprocess(sim, store, opts=PRE)
+    schedule = {"iterations": 3, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 20.0,
+                "incr_size": 4}
+    search = {"search": SEARCH, "symmetry": "C1"}
+    opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "double", "compression": COMPRESSION, **search,
+            "first": wf.first_iteration(schedule)}
+    _iteration(store, tmp_path, 1, opts)
+    wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
+                    opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 1), **search},
+                    store=store)
+    rec = {"tau2_fudge": 1.0, "gridding_iterations": 0, "compression": COMPRESSION}
+    wf.reconstruct_half(tmp_path / "it1_sums_1.h5", tmp_path / "m1.json", tmp_path / "half1.h5", tmp_path / "h1.mrc",
+                        tmp_path / "h1_model.star", half=1, iteration=1, opts=rec)
+    wf.next_sampling(store, tmp_path / "m1.json", tmp_path / "half1.h5",
+                     [tmp_path / "it1_poses_1_1.h5", tmp_path / "it1_poses_1_2.h5"], tmp_path / "s1.json",
+                     iteration=1, opts={"pad": 2.0, "ctf": True, **search})
+    opts.pop("first")
+    kw = {"poses_in": tmp_path / "it1_poses_1_1.h5", "model_in": tmp_path / "m1.json",
+          "reference": tmp_path / "half1.h5", "sampling_in": tmp_path / "s1.json"}
+    out = {}
+    for name, device in (("cpu", Device()), ("gpu", Device(0))):
+        wf.expectation_shard(store, tmp_path / f"{name}_sums.h5", tmp_path / f"{name}_poses.h5", half=1, shard=1,
+                             iteration=2, opts=opts, device=device, **kw)
+        out[name] = (h5.read_table(tmp_path / f"{name}_poses.h5")[0], h5.read_sums(tmp_path / f"{name}_sums.h5")[:2])
+    (cpu, (d_cpu, w_cpu)), (gpu, (d_gpu, w_gpu)) = out["cpu"], out["gpu"]
+    same = np.all(np.isclose(cpu["eulers_deg"], gpu["eulers_deg"]), axis=1).mean()
+    assert same > 0.9
+    np.testing.assert_allclose(gpu["score"], cpu["score"], atol=0.05)
+    assert np.linalg.norm(d_gpu - d_cpu) < 0.05 * np.linalg.norm(d_cpu)
+    assert np.linalg.norm(w_gpu - w_cpu) < 0.05 * np.linalg.norm(w_cpu)
+
+
 def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
     """With a pose search from the input poses, model_update of iteration 1 starts each half's noise
     spectrum as the engine does (`initial_sigma2` of its first images, masked), and iteration 2's
