@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from omlrelion.geometry.grids import PaddedGrid
+from omlrelion.reconstruct.gridding import map_term_in_float64
 from omlrelion.reconstruct.plan import Plan
 from omlrelion.units import relion_round
 
@@ -319,6 +320,12 @@ class _Replay:
         hv = P * P * H
         L.alloc("fw", d, hv * r)                                         # decentre: ifftshift copy
         L.temp(d, 8 * hv, hv)                                            # |k|^2 int64, then the bool mask
+        loop64 = map_term_in_float64(np.float64 if r == 8 else np.float32, self.map_term, self.n_iter <= 0)
+        if loop64:
+            L.alloc("fw64", d, 8 * hv)                                   # fw.astype(float64)
+            L.free("fw")
+            L.rename("fw64", "fw")
+            self.r, self.c = 8, 16                                       # the MAP term and the loop in float64
         if self.map_term:
             self.map_term_steps(d, hv, own_r2=True)
         if self.n_iter <= 0:
@@ -328,10 +335,11 @@ class _Replay:
             L.free("sf_r2")
         else:
             self.single_gridding(n)
+        self.r, self.c = r, c
         L.free("fw")
         L.alloc("fconv", d, hv * c)                                      # decentre(data)
         L.temp(d, 8 * hv, hv)
-        if self.n_iter <= 0 and r != 8:
+        if (self.n_iter <= 0 or loop64) and r != 8:
             L.temp(d, hv * r)                                            # float64 wn.astype(real)
         L.free("wn")
         q = self.grid.final_size

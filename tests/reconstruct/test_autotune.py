@@ -105,6 +105,7 @@ def _traced_peak(fn):
     (32, 16, 1, "dense", False, np.float64, 2, None, True),      # MAP term
     (40, 12, 1, "dense", False, np.float64, 2, None, False),     # maxres: Q > P
     (48, 24, 1, "dense", False, np.float32, 0, None, True),      # the MAP term sets the peak
+    (32, 16, 1, "dense", False, np.float32, 2, None, True),      # MAP term: the loop in float64
 ])
 def test_memory_model_matches_tracemalloc(rng, box, r_max, n_devices, storage, strided, dtype, n_iter, fft_size,
                                           tau2):
