@@ -197,6 +197,22 @@ def _brute_force_fine_pass(vft, image, ctf, w, pix, s, coarse, prior_t, prior_r,
     return post, wt.max() / wt.sum()
 
 
+def _random_batch(rng, pix, b, t, r, *, amplitude: float, pairs: int, among=None):
+    """Random image transforms, CTFs and noise weights of b particles and a coarse posterior (b, t, r)
+    with 1 to `pairs` significant (shift, orientation) pairs each (orientations from `among`)."""
+    n = pix.n
+    images = amplitude * (rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1)))
+    ctf = rng.uniform(0.2, 1.0, size=(b, n, n // 2 + 1))
+    w = rng.uniform(0.5, 1.5, size=len(pix.index))
+    coarse = np.zeros((b, t, r))
+    for i in range(b):
+        k = 1 + i % pairs
+        value = rng.uniform(0.1, 1, k)
+        shifts = rng.integers(0, t, k)
+        coarse[i, shifts, rng.integers(0, r, k) if among is None else rng.choice(among, k)] = value
+    return images, ctf, w, coarse
+
+
 @pytest.mark.parametrize("max_elements", [2**26, 1])
 def test_fine_pass_equals_the_definition_particle_by_particle(rng, max_elements):
     """Each particle's posterior, Pmax and best point against a brute-force evaluation of its own
@@ -211,13 +227,8 @@ def test_fine_pass_equals_the_definition_particle_by_particle(rng, max_elements)
     s = Sampling(1, 1.0, 1.0)
     pix = HalfPlanePixels.of(n)
     b, t, r = 5, len(s.shifts), len(s.eulers())
-    images = 0.01 * (rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1)))
-    ctf = rng.uniform(0.2, 1.0, size=(b, n, n // 2 + 1))
-    w = rng.uniform(0.5, 1.5, size=len(pix.index))
-    coarse = np.zeros((b, t, r))
-    for i in range(b):              # 1 to 4 significant pairs on a few shared orientations
-        k = 1 + i % 4
-        coarse[i, rng.integers(0, t, k), rng.choice([2, 7, 30, 31, 90], k)] = rng.uniform(0.1, 1, k)
+    # 1 to 4 significant pairs on a few shared orientations
+    images, ctf, w, coarse = _random_batch(rng, pix, b, t, r, amplitude=0.01, pairs=4, among=[2, 7, 30, 31, 90])
     prior_t, prior_r = rng.normal(size=(b, t)), rng.normal(size=(b, r))
     parts = list(fine_pass_parts(vft, images, ctf, w, pix, s, coarse, s.shifts, max_elements=max_elements,
                                  box_size=n, pad=2.0, r_padded=n, log_prior_t=prior_t, log_prior_r=prior_r))
@@ -250,13 +261,7 @@ def test_fine_pass_on_gpu_float32_matches_cpu_float64(rng):
     s = Sampling(1, 1.0, 1.0)
     pix = HalfPlanePixels.of(n)
     b, t, r = 40, len(s.shifts), len(s.eulers())
-    images = 0.05 * (rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1)))
-    ctf = rng.uniform(0.2, 1.0, size=(b, n, n // 2 + 1))
-    w = rng.uniform(0.5, 1.5, size=len(pix.index))
-    coarse = np.zeros((b, t, r))
-    for i in range(b):
-        k = 1 + i % 6
-        coarse[i, rng.integers(0, t, k), rng.integers(0, r, k)] = rng.uniform(0.1, 1, k)
+    images, ctf, w, coarse = _random_batch(rng, pix, b, t, r, amplitude=0.05, pairs=6)
     prior_t = rng.normal(size=(b, t))
     kw = dict(box_size=n, pad=2.0, r_padded=n, log_prior_t=prior_t, max_elements=2**16)
     cpu = {int(i): (f, j) for rows, f in fine_pass_parts(volume_to_ftc(vol, pad=2.0), images, ctf, w, pix, s,

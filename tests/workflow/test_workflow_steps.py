@@ -242,12 +242,9 @@ SEARCH = {"pose_search_order": 1, "offset_range_px": 1.0, "offset_step_px": 1.0,
           "sigma_offset_A": 10.0, "zero_mask": True, "perturb": 0.5, "seed": 0}
 
 
-@pytest.mark.gpu
-def test_pose_search_shard_on_a_gpu_matches_the_cpu(sim, tmp_path):
-    """An expectation job of a pose search on GPU 0 (float32) against the same job on the host
-    (float64): the same poses for nearly every particle, the same sums to float32 precision."""
-    from omlrelion.backend import Device
-
+def _search_iteration_1(sim, tmp_path):
+    """A pose-search run of 3 iterations up to iteration 1's model_update (input poses kept):
+    (store, search options, expectation options, model options of an iteration, model.json of 1)."""
     store = tmp_path / "p.h5"
     wf.preprocess(sim, store, opts=PRE)
     schedule = {"iterations": 3, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 20.0,
@@ -255,10 +252,23 @@ def test_pose_search_shard_on_a_gpu_matches_the_cpu(sim, tmp_path):
     search = {"search": SEARCH, "symmetry": "C1"}
     opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "double", "compression": COMPRESSION, **search,
             "first": wf.first_iteration(schedule)}
+
+    def model_opts(it):
+        return {"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, it), **search}
+
     _iteration(store, tmp_path, 1, opts)
-    wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
-                    opts={"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, 1), **search},
-                    store=store)
+    m1 = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
+                         opts=model_opts(1), store=store)
+    return store, search, opts, model_opts, m1
+
+
+@pytest.mark.gpu
+def test_pose_search_shard_on_a_gpu_matches_the_cpu(sim, tmp_path):
+    """An expectation job of a pose search on GPU 0 (float32) against the same job on the host
+    (float64): the same poses for nearly every particle, the same sums to float32 precision."""
+    from omlrelion.backend import Device
+
+    store, search, opts, _, _ = _search_iteration_1(sim, tmp_path)
     rec = {"tau2_fudge": 1.0, "gridding_iterations": 0, "compression": COMPRESSION}
     wf.reconstruct_half(tmp_path / "it1_sums_1.h5", tmp_path / "m1.json", tmp_path / "half1.h5", tmp_path / "h1.mrc",
                         tmp_path / "h1_model.star", half=1, iteration=1, opts=rec)
@@ -293,20 +303,7 @@ def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
     from omlrelion.refine.maximization import update_sigma2, update_sigma_offset
     from omlrelion.refine.schedule import Schedule
 
-    store = tmp_path / "p.h5"
-    wf.preprocess(sim, store, opts=PRE)
-    schedule = {"iterations": 3, "until_converged": False, "max_iterations": 9, "initial_resolution_A": 20.0,
-                "incr_size": 4}
-    search = {"search": SEARCH, "symmetry": "C1"}
-    opts = {"pad": 2.0, "maxres_A": None, "ctf": True, "precision": "double", "compression": COMPRESSION, **search,
-            "first": wf.first_iteration(schedule)}
-
-    def model_opts(it):
-        return {"maxres_A": None, "tau2_fudge": 1.0, **wf.iteration_schedule(schedule, it), **search}
-
-    _iteration(store, tmp_path, 1, opts)
-    m1 = wf.model_update(tmp_path / "it1_sums_1.h5", tmp_path / "it1_sums_2.h5", tmp_path / "m1.json", iteration=1,
-                         opts=model_opts(1), store=store)
+    store, search, opts, model_opts, m1 = _search_iteration_1(sim, tmp_path)
     columns = ("half", "eulers_deg", "shifts_px", "optics_group", "defocus_u", "defocus_v", "defocus_angle_deg",
                "phase_shift_deg", "ctf_bfactor", "ctf_scale")
     with h5.ParticleStore(store) as st:
