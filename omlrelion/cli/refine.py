@@ -261,12 +261,15 @@ def _write_iteration(root: Path, it: int, state, particles, halves, optics, opts
         spectra = entry["halves"][h - 1]
         write_model_star(f"{stem}_half{h}_model.star", _model(entry, optics, state.last_grid), spectra["tau2"],
                          spectra["sigma2_ref"], spectra["ssnr"], fudge=1.0,
-                         reference=Path(f"{stem}_half{h}_class001.mrc").name, sigma2_noise=state.sigma2[h - 1])
+                         reference=Path(f"{stem}_half{h}_class001.mrc").name, sigma2_noise=state.sigma2[h - 1],
+                         pdf_direction=state.pdf_direction[h - 1] if state.pdf_direction else None)
     _write_data(f"{stem}_data.star", state, particles, halves)
     write_json(Path(f"{stem}_state.json"), {
         "iteration": it, "r_star": state.r_star, "schedule": asdict(state.schedule), "incr_size": state.incr_size,
         "high_fsc_at_limit": state.high_fsc_at_limit, "offset_change_A": state.offset_change_A,
         "perturb": state.perturb,
+        "pdf_direction": [None if p is None else p.tolist() for p in state.pdf_direction or [None, None]],
+        "pdf_order": state.pdf_order,
         "sigma2": [s.tolist() for s in state.sigma2],
         "sigma_offset_A": list(state.sigma_offset_A), "history": state.history,
         "halves": halves.tolist(), "maps": [f"{Path(stem).name}_half{h}_class001.mrc" for h in (1, 2)],
@@ -296,5 +299,8 @@ def _resume(path: Path, n_particles: int):
                         pmax=np.zeros(n_particles), n_significant=np.zeros(n_particles, dtype=np.int64),
                         history=list(saved["history"]), schedule=Schedule(**saved["schedule"]),
                         incr_size=int(saved["incr_size"]), high_fsc_at_limit=bool(saved["high_fsc_at_limit"]),
-                        offset_change_A=float(saved["offset_change_A"]), perturb=float(saved["perturb"]))
+                        offset_change_A=float(saved["offset_change_A"]), perturb=float(saved["perturb"]),
+                        pdf_direction=[None if p is None else np.asarray(p) for p in saved.get("pdf_direction",
+                                                                                               [None, None])],
+                        pdf_order=int(saved.get("pdf_order", -1)))
     return state, halves

@@ -77,6 +77,7 @@ from omlrelion.refine.autorefine import (
     SIGMA2_PARTICLES,
     RefineOptions,
     accuracy,
+    direction_distribution,
     expect_particles,
     high_fsc_at_limit,
     low_pass,
@@ -390,12 +391,15 @@ def search_options(search: dict, *, symmetry: str, pad: float = 2.0) -> RefineOp
 def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sampling: dict, *, half: int,
                   r_max: int, ropts: RefineOptions, apply_ctf: bool, device: Device):
     """The pose search of one shard (`refine.autorefine.expect_particles`, the engine's E-step) from
-    its poses `eulers`, `shifts` against its half map `volume`, with the half's noise spectrum and
-    offset prior of `model` (the previous model_update) and the sampling of `sampling` (the previous
-    iteration's sampling job). Returns (data, weight on the host, eulers, shifts, Pmax, significant
+    its poses `eulers`, `shifts` against its half map `volume`, with the half's noise spectrum,
+    offset prior and direction prior (when learned at this order) of `model` (the previous
+    model_update) and the sampling of `sampling` (the previous iteration's sampling job). Returns (data, weight on the host, eulers, shifts, Pmax, significant
     samples, noise sums)."""
     search = model["search"]
     schedule = Schedule(**sampling["schedule"])
+    # the learned direction prior of this half, while the HEALPix order it was learned at holds
+    pdf = search.get("pdf_direction")
+    prior = pdf[half - 1] if pdf and search.get("pdf_order") == schedule.order else None
     images = resident_images(store.read_images(index), device)
     ctf = _ctf_params(store, index, columns)
     eulers, shifts = np.array(eulers, dtype=np.float64), np.array(shifts, dtype=np.float64)
@@ -407,7 +411,7 @@ def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sa
         found = expect_particles(images, ctf, store.optics[group], rows, volume, search["sigma2"][half - 1],
                                  search["sigma_offset_A"][half - 1], eulers[rows], shifts[rows], schedule=schedule,
                                  perturb=float(sampling["perturb"]), r_max=r_max, opts=ropts, device=device,
-                                 apply_ctf=apply_ctf)
+                                 apply_ctf=apply_ctf, direction_prior=prior)
         eulers[rows], shifts[rows], pmax[rows], n_sig[rows] = (found.eulers, found.shifts_px, found.pmax,
                                                                found.n_significant)
         d, w = to_numpy(found.data), to_numpy(found.weight)
@@ -662,9 +666,11 @@ def _search_update(sums1, sums2, *, iteration: int, search: dict, symmetry: str,
         schedule.iter_wo_gain = 0 if gain else schedule.iter_wo_gain + 1
         if not final:
             schedule.record_changes(angle, offset, ov=ov, angpix=angpix)
+        pdf = [direction_distribution(n["direction_mass"]) if "direction_mass" in n else None for n in noise]
         out = {"sigma2": [update_sigma2(prev["search"]["sigma2"][h], [noise[h]]).tolist() for h in (0, 1)],
                "sigma_offset_A": [update_sigma_offset([n]) for n in noise], "perturb": float(sampling["perturb"]),
-               "angle_change_deg": angle, "offset_change_A": offset, "mean_pmax": float(pmax.mean())}
+               "angle_change_deg": angle, "offset_change_A": offset, "mean_pmax": float(pmax.mean()),
+               "pdf_direction": [None if p is None else p.tolist() for p in pdf], "pdf_order": schedule.order}
     out["high_fsc_at_limit"] = high_fsc_at_limit(curve, current_size)
     out["schedule"] = asdict(schedule)
     out["converged"] = prev is not None and schedule.converged()
@@ -850,7 +856,9 @@ def reconstruct_half(sums, model_json, out_volume, out_mrc, out_model_star, *, h
            "iteration": iteration, "half": half, "config_hash": h5.config_hash({**opts, "sums": attrs["config_hash"]})}
     h5.write_volume(out_volume, volume, attrs=out, compression=_compression(opts["compression"]))
     write_map(out_mrc, volume, float(attrs["angpix"]))
-    write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name)
+    pdf = (model.get("search") or {}).get("pdf_direction")
+    write_model_star(out_model_star, model, tau2, sigma2, ssnr, fudge=opts["tau2_fudge"], reference=Path(out_mrc).name,
+                     pdf_direction=pdf[half - 1] if pdf else None)
     log.info("iteration %d, half %d: map reconstructed to r_max %d on %d device(s) (%s) in %.1f s", iteration,
              half, grid.r_max, len(devices), devices[0].name, time.perf_counter() - t0)
     return out

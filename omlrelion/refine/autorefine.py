@@ -15,9 +15,11 @@ Schedule (`refine.schedule`): accuracy estimates on 100 particles, finer samplin
 iteration without resolution gain and without large pose changes, convergence once the fine step
 is below 0.75 acc_rot (`auto_refine`). `final=True` runs RELION's last iteration on all data.
 
-The sampling grids are perturbed each iteration as RELION's (`perturb`, spec 3.7).
+The sampling grids are perturbed each iteration as RELION's (`perturb`, spec 3.7). Global searches
+weigh the directions by the distribution each half learned in its last E-step at the same HEALPix
+order (spec 3.5, 4.5).
 
-Not done: the learned direction prior of global searches, norm and scale corrections.
+Not done: norm and scale corrections.
 `omlrelion refine` (`cli/refine.py`) writes
 RELION's file names.
 """
@@ -106,6 +108,8 @@ class RefineState:
     offset_change_A: float = 0.0        # RMS offset change of the last iteration
     perturb: float = 0.0                # the sampling grids' random perturbation rho, in coarse steps
     converged: bool = False
+    pdf_direction: list = None          # per half: the learned direction prior (None: uniform) ...
+    pdf_order: int = -1                 # ... of the HEALPix order it was learned at
     last_sums: list = None              # the final iteration's (data, weight) per half (host)
     last_grid: PaddedGrid = None        # the last iteration's padded grid
 
@@ -163,7 +167,8 @@ def fine_pass_batch(vft, images, ctf, noise_weight, pixels, sampling, coarse_pos
     pass on `sampling`'s grid (or on `orientation_index`'s subset, with log_prior_r (B, R)); log_prior_t
     (B, T); centres_px (B, 2): the offsets the images were recentred on (the shifts returned are
     relative to them). With `noise_sums`, the M-step's noise sums are made too. Returns (eulers (B, 3),
-    shifts (B, 2), pmax (B,), n_significant (B,), list of sums).
+    shifts (B, 2), pmax (B,), n_significant (B,), list of sums, posterior mass on each coarse
+    orientation of the sampling).
     """
     xp = get_xp(images)
     b = len(images)
@@ -171,18 +176,20 @@ def fine_pass_batch(vft, images, ctf, noise_weight, pixels, sampling, coarse_pos
     centres_px = np.zeros((b, 2)) if centres_px is None else np.asarray(centres_px)
     eulers, shifts = np.zeros((b, 3)), np.zeros((b, 2))
     pmax, n_sig, sums = np.zeros(b), np.zeros(b, dtype=np.int64), []
+    mass = np.zeros(len(sampling.eulers()))
     for rows, f in fine_pass_parts(vft, masked_images, ctf, noise_weight, pixels, sampling, coarse_posterior,
                                    sampling.shifts, box_size=box_size, pad=pad, r_padded=r_padded,
                                    log_prior_t=log_prior_t, log_prior_r=log_prior_r,
                                    adaptive_fraction=adaptive_fraction, ov=ov, orientation_index=orientation_index):
         eulers[rows], shifts[rows], pmax[rows], n_sig[rows] = f.best_euler, f.best_shift, f.pmax, f.n_significant
+        mass += f.orientation_mass(len(mass))
         r = xp.asarray(rows)
         sums.append(accumulate(data, weight, images[r], ctf[r], inv_sigma2, f.posterior, f.eulers, f.shifts_px,
                                box_size=box_size, pad=pad, r_padded=r_padded,
                                projections=f.projections if noise_sums else None, angpix=angpix,
                                old_offsets_px=centres_px[rows], noise_images=masked_images[r],
                                slots=(f.t_index, f.r_index)))
-    return eulers, shifts, pmax, n_sig, sums
+    return eulers, shifts, pmax, n_sig, sums, mass
 
 
 def coarse_size(box_size: int, angpix: float, current_size: int, order: int, particle_diameter_A: float) -> int:
@@ -209,7 +216,8 @@ def _local_batch(prior_eulers, vft, x, xm, ct, noise_w, pix, sampling, prior_t, 
         sums = accumulate(data, weight, x, ct, inv_d, e.posterior, eulers, sampling.shifts, box_size=box_size,
                           pad=opts.pad, r_padded=grid.r_padded, projections=proj, angpix=angpix,
                           old_offsets_px=centre, noise_images=xm)
-        return (eulers[e.best_orientation], sampling.shifts[e.best_shift], e.pmax, e.n_significant, [sums])
+        mass = np.bincount(index, weights=to_numpy(e.posterior.sum(axis=(0, 1))), minlength=len(sampling.eulers()))
+        return (eulers[e.best_orientation], sampling.shifts[e.best_shift], e.pmax, e.n_significant, [sums], mass)
     return fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, prior_t[:, :, 0], data, weight, inv_d,
                            box_size=box_size, pad=opts.pad, r_padded=grid.r_padded,
                            adaptive_fraction=opts.adaptive_fraction, ov=opts.oversampling, angpix=angpix,
@@ -343,12 +351,15 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         old_eulers, old_shifts = state.eulers.copy(), state.shifts_px.copy()
         bar = None if progress is None else progress(m, f"iteration {len(state.history) + 1}")
         sums, stats = [], []
+        priors = state.pdf_direction if state.pdf_direction and state.pdf_order == sch.order else [None, None]
+        pdf = []
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
             found = expect_particles(work, ctf, optics, idx, state.maps[h - 1], state.sigma2[h - 1],
                                      state.sigma_offset_A[h - 1], state.eulers[idx], state.shifts_px[idx],
                                      schedule=sch, perturb=state.perturb, r_max=r_max, opts=opts, device=device,
-                                     bar=bar)
+                                     bar=bar, direction_prior=priors[h - 1])
+            pdf.append(direction_distribution(found.noise["direction_mass"]))
             state.eulers[idx], state.shifts_px[idx] = found.eulers, found.shifts_px
             state.pmax[idx], state.n_significant[idx] = found.pmax, found.n_significant
             data, weight = found.data, found.weight
@@ -386,6 +397,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         if final:           # the caller joins them
             state.last_sums = [(to_numpy(d).astype(np.complex128), to_numpy(w).astype(np.float64)) for d, w in sums]
         del sums
+        state.pdf_direction, state.pdf_order = pdf, sch.order
         _update_resolution(state, curve, n, found.current_size)
         if not final:
             sch.record_changes(angle_change, offset_change, ov=ov, angpix=apix)
@@ -458,10 +470,18 @@ class ParticleExpectation:
 def sum_noise(parts) -> dict:
     """The batches' (or shards') noise and offset sums added up (`accumulate`'s dicts)."""
     parts = list(parts)
-    keys = ("sigma2_sum", "sigma2_count", "offset_sum", "gamma_sum")
-    out = {k: sum((np.asarray(d[k], dtype=np.float64) for d in parts), np.float64(0)) for k in keys}
+    keys = sorted(set().union(*parts)) if parts else ["gamma_sum", "offset_sum", "sigma2_count", "sigma2_sum"]
+    out = {k: sum((np.asarray(d[k], dtype=np.float64) for d in parts if k in d), np.float64(0)) for k in keys}
     out["offset_sum"], out["gamma_sum"] = float(out["offset_sum"]), float(out["gamma_sum"])
     return out
+
+
+def direction_distribution(direction_mass) -> np.ndarray | None:
+    """RELION's learned direction prior (spec 4.5): each direction's share of the posterior mass of
+    an E-step (its `direction_mass`); None (uniform) when there is no mass."""
+    mass = np.asarray(direction_mass, dtype=np.float64)
+    total = mass.sum()
+    return mass / total if total > 0 else None
 
 
 def next_r_max(r_star: int, incr_size: int, box_size: int, *, high_fsc_at_limit: bool = False,
@@ -485,7 +505,8 @@ def next_perturbation(perturb: float, fraction: float, *, seed: int, iteration: 
 
 def expect_particles(images, ctf: CtfParams, optics: Optics, rows, volume, sigma2, sigma_offset_A: float, eulers,
                      shifts_px, *, schedule: Schedule, perturb: float, r_max: int, opts: RefineOptions,
-                     device: Device = Device(), bar=None, apply_ctf: bool = True) -> ParticleExpectation:
+                     device: Device = Device(), bar=None, apply_ctf: bool = True,
+                     direction_prior=None) -> ParticleExpectation:
     """The E-step of particles `rows` of `images` (M, N, N) (one half set, or a shard of one) against
     their half's map `volume`, with its noise spectrum `sigma2` and offset prior, at poses `eulers`
     (P, 3) / `shifts_px` (P, 2) aligned with `rows`; the sampling of `schedule` perturbed by
@@ -495,7 +516,9 @@ def expect_particles(images, ctf: CtfParams, optics: Optics, rows, volume, sigma
     coarse image size and the oversampled second pass on its significant points, local searches the
     orientations within 3 sigma of each pose; the posterior-weighted back-projection with 1/sigma2
     goes into new sums of the padded grid (float64 on the host, float32 on a GPU). apply_ctf False:
-    images without CTF (CTF 1)."""
+    images without CTF (CTF 1). direction_prior: the learned distribution over the sampling's
+    directions (spec 3.5, `direction_distribution`) that weighs a global search's orientations (a
+    direction without mass is skipped); None: uniform. Local searches take their Gaussian priors."""
     rows = np.asarray(rows)
     n, apix = images.shape[-1], optics.angpix
     xp = device.xp
@@ -515,8 +538,14 @@ def expect_particles(images, ctf: CtfParams, optics: Optics, rows, volume, sigma
     new_eulers, new_shifts = np.array(eulers, dtype=np.float64), np.array(shifts_px, dtype=np.float64)
     pmax, n_sig = np.zeros(p), np.zeros(p, dtype=np.int64)
     noise = []
+    orientation_mass = np.zeros(len(all_eulers))
     inv = inverse_sigma2_plane(sigma2, c)
     with device.use():
+        prior_r = None
+        if direction_prior is not None and not schedule.local:
+            with np.errstate(divide="ignore"):
+                log_pdf = np.log(np.asarray(direction_prior, dtype=np.float64))
+            prior_r = xp.asarray(np.repeat(log_pdf, len(sampling.psi)), dtype=real)       # (R,)
         mask = (xp.asarray(circular_mask(n, diameter_A / (2 * apix), np), dtype=real) if opts.zero_mask
                 else None)
         vft = volume_to_ftc(xp.asarray(volume, dtype=real), pad=opts.pad, r_max=r_max)
@@ -542,28 +571,35 @@ def expect_particles(images, ctf: CtfParams, optics: Optics, rows, volume, sigma
             ct_full = _ctf_plane(optics, ctf.take(sel), apply_ctf, xp, real)
             ct = window_2d(ct_full, c)
             prior = offset_log_prior(centre, shifts, angpix=apix, sigma_offset_A=sigma_offset_A, xp=xp)[:, :, None]
+            prior_tr = prior if prior_r is None else prior + prior_r[None, None, :]
             if schedule.local:
                 found = _local_batch(new_eulers[at], vft, x, xm, ct, noise_w, pix, sampling, prior, sigma_local,
                                      data, weight, inv_d, centre, opts=opts, grid=grid, box_size=n, angpix=apix)
             elif ov == 0:
-                e = expectation(proj_c, xm_c, ct, noise_w, shifts, pix, box_size=n, log_prior=prior,
+                e = expectation(proj_c, xm_c, ct, noise_w, shifts, pix, box_size=n, log_prior=prior_tr,
                                 adaptive_fraction=opts.adaptive_fraction)
                 found = (all_eulers[e.best_orientation], shifts[e.best_shift], e.pmax, e.n_significant,
                          [accumulate(data, weight, x, ct, inv_d, e.posterior, all_eulers, shifts, box_size=n,
                                      pad=opts.pad, r_padded=grid.r_padded, projections=proj, angpix=apix,
-                                     old_offsets_px=centre, noise_images=xm)])
+                                     old_offsets_px=centre, noise_images=xm)],
+                         to_numpy(e.posterior.sum(axis=(0, 1))))
             else:
                 ct_c = ct if cc == c else window_2d(ct_full, cc)
                 e = expectation(proj_c, xm_c, ct_c, noise_c if cc < c else noise_w, shifts, pix_c if cc < c else pix,
-                                box_size=n, log_prior=prior, adaptive_fraction=opts.adaptive_fraction)
+                                box_size=n, log_prior=prior_tr, adaptive_fraction=opts.adaptive_fraction)
                 found = fine_pass_batch(vft, x, ct, noise_w, pix, sampling, e.posterior, prior[:, :, 0], data, weight,
                                         inv_d, box_size=n, pad=opts.pad, r_padded=grid.r_padded,
                                         adaptive_fraction=opts.adaptive_fraction, ov=ov, angpix=apix,
-                                        masked_images=xm, centres_px=centre)
+                                        masked_images=xm, centres_px=centre,
+                                        log_prior_r=None if prior_r is None else xp.broadcast_to(
+                                            prior_r, (len(sel), len(prior_r))))
             new_eulers[at], new_shifts[at], pmax[at], n_sig[at] = found[:4]
             new_shifts[at] += centre
             noise.extend(found[4])
-    return ParticleExpectation(data, weight, new_eulers, new_shifts, pmax, n_sig, sum_noise(noise), c, cc)
+            orientation_mass += found[5]
+    noise = sum_noise(noise)
+    noise["direction_mass"] = orientation_mass.reshape(-1, len(sampling.psi)).sum(axis=1)
+    return ParticleExpectation(data, weight, new_eulers, new_shifts, pmax, n_sig, noise, c, cc)
 
 
 def _ctf_plane(optics: Optics, ctf: CtfParams, apply_ctf: bool, xp, real):

@@ -163,10 +163,20 @@ class FinePass:
     t_index: object                  # (B, Tb) int: each slot's row of shifts_px (Tf: padding)
     r_index: object                  # (B, Rb) int: each slot's row of eulers / projections (Rf: padding)
     projections: object              # (Rf, n, n//2+1)
+    parents: np.ndarray              # (Rf,) the sampling's coarse orientation of each fine one
     best_euler: np.ndarray           # (B, 3)
     best_shift: np.ndarray           # (B, 2)
     pmax: np.ndarray                 # (B,)
     n_significant: np.ndarray        # (B,)
+
+    def orientation_mass(self, n_orientations: int) -> np.ndarray:
+        """(n_orientations,) the posterior mass of the part's particles on each coarse orientation of
+        the sampling (its fine children's mass added up)."""
+        xp = get_xp(self.posterior)
+        mass = self.posterior.sum(axis=1)                                  # (B, Rb)
+        ok = self.r_index < len(self.eulers)
+        parent = xp.asarray(self.parents)[xp.where(ok, self.r_index, 0)]
+        return to_numpy(xp.bincount(parent[ok], weights=mass[ok].astype(xp.float64), minlength=n_orientations))
 
     def points(self, b: int) -> dict:
         """Particle b's posterior mass as {((x, y) shift, (rot, tilt, psi)): value} (rounded to 1e-6)."""
@@ -198,6 +208,7 @@ class _FineLists:
     r_pos: object                    # (R,) likewise for the coarse orientations
     k_t: int
     k_r: int
+    parents: np.ndarray              # (Rf,) the coarse orientation (index into sampling.eulers()) of each
 
 
 def _fine_lists(volume_ftc, sig, sampling, shifts_px, pixels: HalfPlanePixels, images, *, box_size: int, pad: float,
@@ -224,7 +235,7 @@ def _fine_lists(volume_ftc, sig, sampling, shifts_px, pixels: HalfPlanePixels, i
     arg = (2 * math.pi / box_size) * (t[:, 0, None] * kx[None] + t[:, 1, None] * ky[None])   # (Tf, K)
     return _FineLists(eulers, shifts, proj, proj.reshape(len(proj), -1)[:, xp.asarray(pixels.index)],
                       (xp.cos(arg) + 1j * xp.sin(arg)).astype(images.dtype), xp.asarray(t_pos), xp.asarray(r_pos),
-                      fine_t.shape[1], fine_r.shape[1])
+                      fine_t.shape[1], fine_r.shape[1], np.repeat(r_index, fine_r.shape[1]))
 
 
 def _own_points(lists: _FineLists, images, ctf, noise_weight, pixels: HalfPlanePixels, sig, *, log_prior_t=None,
@@ -282,7 +293,8 @@ def _own_points(lists: _FineLists, images, ctf, noise_weight, pixels: HalfPlaneP
     br = to_numpy(r_slot[rows, best % r_slot.shape[1]])
     t_index = xp.where(xp.repeat(t_ok, k_t, axis=1), t_slot, len(lists.shifts))
     r_index = xp.where(xp.repeat(r_ok, k_r, axis=1), r_slot, len(lists.eulers))
-    return FinePass(lists.eulers, lists.shifts, post, t_index, r_index, lists.projections, lists.eulers[br],
+    return FinePass(lists.eulers, lists.shifts, post, t_index, r_index, lists.projections, lists.parents,
+                    lists.eulers[br],
                     lists.shifts[bt], to_numpy(wt.max(axis=1) / total), to_numpy(keep.sum(axis=1)))
 
 

@@ -8,9 +8,10 @@ from omlrelion.io.star import write_star
 
 
 def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, reference: str, curve=None,
-                     sigma2_noise=None) -> None:
+                     sigma2_noise=None, pdf_direction=None) -> None:
     """RELION's *_model.star: model_general, model_classes, the per-shell model_class_1 table and,
-    with `sigma2_noise` (per shell), the model_optics_group_1 noise spectrum.
+    with `sigma2_noise` (per shell), the model_optics_group_1 noise spectrum; with `pdf_direction`
+    (per direction of the iteration's HEALPix grid), model_pdf_orient_class_1.
 
     model: box_size, angpix, pad, r_max, current_resolution_A, resolution_0143_A and fsc (per shell);
     optional ave_pmax, acc_rot_deg and acc_trans_A (RELION's accuracy estimates).
@@ -41,6 +42,9 @@ def write_model_star(path, model: dict, tau2, sigma2, ssnr, *, fudge: float, ref
         blocks["model_optics_group_1"] = pd.DataFrame({"rlnSpectralIndex": shells,
                                                        "rlnResolution": shells / (box * angpix),
                                                        "rlnSigma2Noise": pad(sigma2_noise)})
+    if pdf_direction is not None:
+        blocks["model_pdf_orient_class_1"] = pd.DataFrame(
+            {"rlnOrientationDistribution": np.asarray(pdf_direction, dtype=np.float64)})
     write_star(path, blocks)
 
 

@@ -59,12 +59,18 @@ def test_refine_writes_relion_names_and_continues(dataset, capsys):
     assert float(general["rlnPsiStep"]) == pytest.approx(30.0) and float(general["rlnSamplingPerturbFactor"]) == 0.5
     assert abs(float(general["rlnSamplingPerturbInstance"])) <= 0.5
     assert len(read_star_table(out / "run_it002_sampling.star", block="sampling_directions")) == 48
+    # the learned direction prior of each half, one value per direction of the order-1 grid
+    for h in (1, 2):
+        pdf = read_star_table(out / f"run_it002_half{h}_model.star", block="model_pdf_orient_class_1",
+                              required=("rlnOrientationDistribution",))["rlnOrientationDistribution"].to_numpy(float)
+        assert len(pdf) == 48 and np.all(pdf >= 0) and pdf.sum() == pytest.approx(1.0, abs=1e-5)
     # continue after iteration 2: iteration 3 is written, with the same half sets
     assert _refine(dataset, "--iter", "1", "--continue", str(out / "run_it002_state.json")) == 0
     import json
 
     saved = json.loads((out / "run_it002_state.json").read_text())
     assert saved["iteration"] == 2 and saved["schedule"]["order"] >= 1
+    assert saved["pdf_order"] == 1 and all(len(p) == 48 for p in saved["pdf_direction"])
     third = read_particles(out / "run_it003_data.star")
     assert json.loads((out / "run_it003_state.json").read_text())["schedule"]["order"] >= saved["schedule"]["order"]
     assert np.array_equal(third.random_subset, read_particles(out / "run_it002_data.star").random_subset)

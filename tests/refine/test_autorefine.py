@@ -115,6 +115,44 @@ def test_images_kept_on_the_gpu_give_the_results_of_images_copied_per_batch(rng,
     assert same > 0.95 and rel < 1e-4, (same, rel)
 
 
+@pytest.mark.parametrize("oversampling", [0, 1])
+def test_learned_direction_prior_weighs_global_searches(rng, oversampling):
+    """RELION's pdf_direction (spec 3.5, 4.5): a direction without mass in the last E-step is not
+    searched, a uniform prior changes nothing, and the E-step's mass per direction is what the
+    M-step normalises into the next prior. refine() keeps one per half for the order it was learned at."""
+    from omlrelion.refine.autorefine import direction_distribution, expect_particles, starting_sigma2
+    from omlrelion.refine.sampling import Sampling
+    from omlrelion.refine.schedule import Schedule
+
+    truth, _, _, optics, ctf, images, halves = _simulated(rng, 40, snr=2.0)
+    opts = RefineOptions(healpix_order=1, offset_range_px=1.0, offset_step_px=1.0, ini_high_A=20.0,
+                         oversampling=oversampling, auto_local_order=9, particle_diameter_A=140.0)
+    rows = np.arange(40)
+    sampling = Sampling(1, 1.0, 1.0)
+    n_dir = len(sampling.directions)
+    kw = dict(schedule=Schedule(1, 1.0, 1.0), perturb=0.0, r_max=8, opts=opts)
+    args = (images, ctf, optics, rows, truth, starting_sigma2(images, opts, angpix=optics.angpix), 10.0,
+            np.zeros((40, 3)), np.zeros((40, 2)))
+    free = expect_particles(*args, **kw)
+    mass = free.noise["direction_mass"]
+    # each particle's significant mass (at least the adaptive fraction 0.999 of it)
+    assert mass.shape == (n_dir,) and 40 * 0.999 <= mass.sum() <= 40 + 1e-9
+    uniform = expect_particles(*args, direction_prior=np.full(n_dir, 1.0 / n_dir), **kw)
+    np.testing.assert_allclose(uniform.eulers, free.eulers)
+    np.testing.assert_allclose(uniform.pmax, free.pmax, rtol=1e-9)
+    allowed = np.zeros(n_dir)
+    allowed[::3] = 1.0
+    kept = expect_particles(*args, direction_prior=allowed / allowed.sum(), **kw)
+    assert np.all(kept.noise["direction_mass"][allowed == 0] == 0)
+    assert 40 * 0.999 <= kept.noise["direction_mass"].sum() <= 40 + 1e-9
+    pdf = direction_distribution(mass)
+    assert pdf.sum() == pytest.approx(1.0) and direction_distribution(np.zeros(n_dir)) is None
+    state = refine(images, ctf, optics, halves, truth, RefineOptions(
+        healpix_order=1, offset_range_px=1.0, offset_step_px=1.0, ini_high_A=20.0, n_iter=1, schedule=False,
+        oversampling=oversampling))
+    assert state.pdf_order == 1 and all(len(p) == n_dir and p.sum() == pytest.approx(1.0) for p in state.pdf_direction)
+
+
 def test_coarse_size_follows_relion_and_the_first_pass_may_use_it(rng):
     from omlrelion.refine.autorefine import coarse_size
 

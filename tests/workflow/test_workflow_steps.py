@@ -299,7 +299,7 @@ def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
     M-step updates (sigma2, sigma_offset); the sampling job estimates the accuracy and moves the
     perturbation on."""
     from omlrelion.fourier.layout import rfft2_centred
-    from omlrelion.refine.autorefine import circular_mask, expect_particles, initial_sigma2
+    from omlrelion.refine.autorefine import circular_mask, direction_distribution, expect_particles, initial_sigma2
     from omlrelion.refine.maximization import update_sigma2, update_sigma_offset
     from omlrelion.refine.schedule import Schedule
 
@@ -350,7 +350,7 @@ def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
         np.testing.assert_allclose(data, found.data, rtol=1e-9, atol=1e-9 * np.abs(found.data).max())
         np.testing.assert_allclose(weight, found.weight, rtol=1e-9, atol=1e-9 * found.weight.max())
         noise = h5.read_noise(tmp_path / f"it2_sums_{h}.h5")
-        for key in ("sigma2_sum", "sigma2_count", "offset_sum", "gamma_sum"):
+        for key in ("sigma2_sum", "sigma2_count", "offset_sum", "gamma_sum", "direction_mass"):
             np.testing.assert_allclose(noise[key], found.noise[key], rtol=1e-9)
     poses = lambda it, halves=(1, 2): [tmp_path / f"it{it}_poses_{h}_{s}.h5" for h in halves for s in (1, 2)]  # noqa: E731
     m2 = wf.model_update(tmp_path / "it2_sums_1.h5", tmp_path / "it2_sums_2.h5", tmp_path / "m2.json", iteration=2,
@@ -360,6 +360,10 @@ def test_sharded_pose_search_is_the_engines_e_step_of_the_half(sim, tmp_path):
         np.testing.assert_allclose(m2["search"]["sigma2"][h - 1],
                                    update_sigma2(m1["search"]["sigma2"][h - 1], [engine[h].noise]), rtol=1e-9)
         assert m2["search"]["sigma_offset_A"][h - 1] == pytest.approx(update_sigma_offset([engine[h].noise]), rel=1e-9)
+        # the learned direction prior of the half, for the order iteration 2 searched at
+        np.testing.assert_allclose(m2["search"]["pdf_direction"][h - 1],
+                                   direction_distribution(engine[h].noise["direction_mass"]), rtol=1e-9)
+    assert m2["search"]["pdf_order"] == s1["schedule"]["order"]
     assert m2["search"]["angle_change_deg"] > 0 and 0 < m2["search"]["mean_pmax"] <= 1
     assert m2["search"]["schedule"]["smallest_angle_change"] == pytest.approx(m2["search"]["angle_change_deg"])
     missing = tmp_path / "half1_it2.h5"     # iteration 3 is the final one: no accuracy, no new sampling
