@@ -42,6 +42,7 @@ from omlrelion.reconstruct.gridding import (
     add_map_term,
     blob_real_space,
     blob_table,
+    map_term_in_float64,
     soft_edge,
 )
 from omlrelion.units import relion_round
@@ -529,17 +530,21 @@ def dense_float32_bytes(grid: PaddedGrid) -> int:
 
 def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, fft_size: int | None = None,
                   real_dtype=np.float32, n_iter: int = 10, stage_data: bool = False, input_on_device: bool = False,
-                  chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK, convolution: str = "fft"):
+                  chunk_voxels: int | None = None, plane_chunk: int = DEFAULT_PLANE_CHUNK, convolution: str = "fft",
+                  map_term: bool = False):
     """Modelled peak bytes per device (and on the host) of `reconstruct_packed`, FFT work areas excluded.
 
     Counts the packed arrays (fw, wn, data unless staged on the host), the column buffers, the
     (y, x) index tables, and the largest temporaries of a column chunk, a plane chunk and the final
     Q-grid stage, as the code above allocates them (CuPy: one new array per operation). With
     `input_on_device`, device 0 first holds the dense centred sums while they are packed (weight
-    first, then data, each freed once packed: `pipeline.steps.reconstruct`).
+    first, then data, each freed once packed: `pipeline.steps.reconstruct`). With `map_term` the
+    gridding loop of float32 sums runs in float64 (`gridding.map_term_in_float64`).
     """
     r = np.dtype(real_dtype).itemsize
     c = 2 * r
+    loop64 = map_term_in_float64(real_dtype, map_term, n_iter <= 0)
+    rl, cl = (8, 16) if loop64 else (r, c)           # the gridding loop's float and complex sizes
     n = fft_size or grid.size
     q, n_box = grid.final_size, grid.box_size
     h, hq = n // 2 + 1, q // 2 + 1
@@ -557,12 +562,14 @@ def column_memory(grid: PaddedGrid, n_devices: int, *, strided: bool = False, ff
         cv = max(int(p.offsets[b] - p.offsets[a]) for a, b in chunks)
         ncc = max(b - a for a, b in chunks)
         index = 40 * cv
-        column_pass = max(index, 32 * cv + cv * r + 2 * ncc * n * c, 73 * cv + cv * c + ncc * n * c)
-        plane_pass = 2 * zc * n * h * c + zc * n * n * r + 2 * zc * max_piece * c
+        column_pass = max(index, 32 * cv + cv * rl + 2 * ncc * n * cl, 73 * cv + cv * cl + ncc * n * cl)
+        plane_pass = 2 * zc * n * h * cl + zc * n * n * rl + 2 * zc * max_piece * cl
         data = 0 if stage_data else npk * c
-        gridding = 2 * npk * r + data + p.n_columns * n * c + 8 * ncol_total + max(column_pass, plane_pass)
+        gridding = 2 * npk * rl + data + p.n_columns * n * cl + 8 * ncol_total + max(column_pass, plane_pass)
         if convolution == "direct":      # real z-lines and their convolution, gathered neighbours per chunk
-            gridding = 2 * npk * r + data + 2 * p.n_columns * n * r + max(column_pass, 4 * ncc * n * r + 24 * ncc)
+            gridding = 2 * npk * rl + data + 2 * p.n_columns * n * rl + max(column_pass, 4 * ncc * n * rl + 24 * ncc)
+        if loop64:                       # fw converted: the float32 and float64 copies at once
+            gridding = max(gridding, npk * (r + rl) + data)
         if n_iter <= 0:
             gridding = npk * r + data + npk * 8 + 80 * cv
         q_rows = max(1, chunk_voxels // q)
@@ -771,6 +778,10 @@ def reconstruct_packed(engine: ColumnEngine, data_packed, fw: list, *, n_iter: i
     if stage_data and not callable(data_packed):
         for g in range(len(data_packed)):
             data_packed[g] = to_numpy(data_packed[g])
+    if map_term_in_float64(fw[0].dtype, tau2 is not None, skip_gridding or n_iter <= 0):
+        for g, dev in enumerate(engine.devices):
+            with dev.use():
+                fw[g] = fw[g].astype(np.float64)
     if tau2 is not None:
         engine.add_map_term(fw, tau2, tau2_fudge=tau2_fudge, minres_map=minres_map)
     if skip_gridding or n_iter <= 0:
@@ -779,11 +790,10 @@ def reconstruct_packed(engine: ColumnEngine, data_packed, fw: list, *, n_iter: i
         wn = engine.gridding_weights(fw, n_iter)
     fw.clear()
     data = data_packed() if callable(data_packed) else data_packed
-    real = wn[0].dtype
     for g, dev in enumerate(engine.devices):
         with dev.use():
             data[g] = _move(data[g], dev)
-            data[g] *= wn[g].astype(real, copy=False)
+            data[g] *= wn[g].astype(data[g].real.dtype, copy=False)
             wn[g] = None
     _sync(engine.devices)
     t1 = time.perf_counter()

@@ -430,7 +430,7 @@ def memory_estimate(plan: Plan, grid: PaddedGrid, real_dtype=np.float32, *, back
 
         per_device, host = column_memory(grid, plan.n_devices, strided=plan.strided, fft_size=plan.fft_size,
                                          real_dtype=real_dtype, n_iter=n_iter, stage_data=plan.stage_data,
-                                         convolution=plan.convolution,
+                                         convolution=plan.convolution, map_term=map_term,
                                          input_on_device=backend == "cupy" if input_on_device is None
                                          else input_on_device)
         return MemoryEstimate(tuple(per_device), host, sum(per_device) + host)

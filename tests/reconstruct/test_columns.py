@@ -104,14 +104,16 @@ def test_packed_sphere_and_column_buffer_fractions_at_full_resolution():
     assert 0.76 < part.n_columns * grid.size / hv < 0.80
 
 
-def test_memory_model_bounds_the_traced_peak(padded_sums):
-    """column_memory (CuPy accounting) against tracemalloc on the host: same order, not below 70%."""
+@pytest.mark.parametrize("dtype, map_term", [(np.float64, False), (np.float32, True)])
+def test_memory_model_bounds_the_traced_peak(padded_sums, dtype, map_term):
+    """column_memory (CuPy accounting) against tracemalloc on the host: same order, not below 70%
+    (float32 sums with a MAP term: the loop in float64)."""
     import tracemalloc
 
     grid = PaddedGrid(48, 2.0, 24)
     rng = np.random.default_rng(0)
-    weight = rng.uniform(0.1, 1.0, grid.shape)
-    data = weight.astype(np.complex128)
+    weight = rng.uniform(0.1, 1.0, grid.shape).astype(dtype)
+    data = weight.astype(np.result_type(dtype, np.complex64))
     devices = [Device()] * 2
     engine = ColumnEngine(grid, devices, chunk_voxels=20000, plane_chunk=8)
     fw, dp = engine.pack_centred(weight), engine.pack_centred(data)
@@ -120,12 +122,31 @@ def test_memory_model_bounds_the_traced_peak(padded_sums):
     tracemalloc.start()
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
-    reconstruct_packed(engine, dp, fw, n_iter=2)
+    reconstruct_packed(engine, dp, fw, n_iter=2, tau2=np.logspace(-1, -6, 25) if map_term else None)
     peak = tracemalloc.get_traced_memory()[1] - base + resident
     tracemalloc.stop()
-    per_device, host = column_memory(grid, 2, real_dtype=np.float64, chunk_voxels=20000, plane_chunk=8)
+    per_device, host = column_memory(grid, 2, real_dtype=dtype, chunk_voxels=20000, plane_chunk=8,
+                                     map_term=map_term)
     model = sum(per_device) + host
     assert 0.7 * peak <= model <= 3 * peak
+
+
+def test_float32_sums_with_a_map_term_give_the_float64_map_on_packed_columns(rng):
+    """As the dense path (`test_gridding`): with a MAP term the packed engine runs the gridding loop
+    of float32 sums in float64, and their map is the float64 one to float32 precision."""
+    n, r_max = 32, 14
+    grid = PaddedGrid(n, 2.0, r_max)
+    c = grid.size // 2
+    k = np.arange(-c, c + 1)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(grid.half)[None, None, :] ** 2) / 2.0
+    inside = r <= r_max
+    weight = np.where(inside, 5.0 * (1 + r) * rng.uniform(0.5, 1.5, size=r.shape), 0.0)
+    data = np.where(inside, weight * (rng.normal(size=r.shape) + 1j * rng.normal(size=r.shape)) / (1 + r) ** 2, 0)
+    kw = dict(box_size=n, r_max=r_max, tau2=np.logspace(-1, -8, r_max + 1), minres_map=5, devices=[Device()] * 2)
+    ref = reconstruct_map_columns(data, weight, **kw)
+    single = reconstruct_map_columns(data.astype(np.complex64), weight.astype(np.float32), **kw)
+    assert single.dtype == np.float32
+    assert np.linalg.norm(single - ref) / np.linalg.norm(ref) < 1e-5
 
 
 @pytest.mark.parametrize("box,r_max", [(32, None), (34, 9)])
