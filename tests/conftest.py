@@ -49,6 +49,24 @@ def relion_sim64() -> Path:
 
 
 @pytest.fixture
+def map_term_sums(rng):
+    """Float64 padded sums (box 32, r_max 14) whose MAP term dwarfs the low shells' weights, as in a
+    refinement: weights 5 (1 + r) (x U(0.5, 1.5)), tau2 falling from 1e-1 to 1e-8.
+    Returns (PaddedGrid, data_ftc, weight_ftc, tau2)."""
+    from omlrelion.geometry.grids import PaddedGrid
+
+    n, r_max = 32, 14
+    grid = PaddedGrid(n, 2.0, r_max)
+    c = grid.size // 2
+    k = np.arange(-c, c + 1)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(grid.half)[None, None, :] ** 2) / 2.0
+    inside = r <= r_max
+    weight = np.where(inside, 5.0 * (1 + r) * rng.uniform(0.5, 1.5, size=r.shape), 0.0)
+    data = np.where(inside, weight * (rng.normal(size=r.shape) + 1j * rng.normal(size=r.shape)) / (1 + r) ** 2, 0)
+    return grid, data, weight, np.logspace(-1, -8, r_max + 1)
+
+
+@pytest.fixture
 def padded_sums(rng):
     """Factory: Hermitian-repaired padded sums (data, weight; float64) of random CTF-like slices.
 

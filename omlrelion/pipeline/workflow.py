@@ -78,6 +78,7 @@ from omlrelion.refine.autorefine import (
     RefineOptions,
     accuracy,
     direction_distribution,
+    direction_priors,
     expect_particles,
     high_fsc_at_limit,
     low_pass,
@@ -393,13 +394,11 @@ def _search_shard(store, index, columns, volume, eulers, shifts, model: dict, sa
     """The pose search of one shard (`refine.autorefine.expect_particles`, the engine's E-step) from
     its poses `eulers`, `shifts` against its half map `volume`, with the half's noise spectrum,
     offset prior and direction prior (when learned at this order) of `model` (the previous
-    model_update) and the sampling of `sampling` (the previous iteration's sampling job). Returns (data, weight on the host, eulers, shifts, Pmax, significant
-    samples, noise sums)."""
+    model_update) and the sampling of `sampling` (the previous iteration's sampling job). Returns
+    (data, weight on the host, eulers, shifts, Pmax, significant samples, noise sums)."""
     search = model["search"]
     schedule = Schedule(**sampling["schedule"])
-    # the learned direction prior of this half, while the HEALPix order it was learned at holds
-    pdf = search.get("pdf_direction")
-    prior = pdf[half - 1] if pdf and search.get("pdf_order") == schedule.order else None
+    prior = direction_priors(search.get("pdf_direction"), search.get("pdf_order"), schedule.order)[half - 1]
     images = resident_images(store.read_images(index), device)
     ctf = _ctf_params(store, index, columns)
     eulers, shifts = np.array(eulers, dtype=np.float64), np.array(shifts, dtype=np.float64)

@@ -306,7 +306,8 @@ def grid_correct(volume, *, pad: float, nn_linear: bool = False):
 
 
 def map_term_in_float64(real_dtype, map_term: bool, skip_gridding: bool) -> bool:
-    """Whether the dense path runs its gridding loop in float64 for float32 sums: with a MAP term.
+    """Whether the gridding loop of float32 sums runs in float64 (dense and packed paths alike):
+    with a MAP term.
 
     Beyond the resolution the MAP term 1/tau2 exceeds the data's weights at low resolution by many
     orders of magnitude, and float32 FFTs of the weights spread that term's rounding into the low

@@ -351,7 +351,7 @@ def refine(images, ctf: CtfParams, optics: Optics, halves, initial_map, opts: Re
         old_eulers, old_shifts = state.eulers.copy(), state.shifts_px.copy()
         bar = None if progress is None else progress(m, f"iteration {len(state.history) + 1}")
         sums, stats = [], []
-        priors = state.pdf_direction if state.pdf_direction and state.pdf_order == sch.order else [None, None]
+        priors = direction_priors(state.pdf_direction, state.pdf_order, sch.order)
         pdf = []
         for h in (1, 2):
             idx = np.flatnonzero(halves == h)
@@ -474,6 +474,13 @@ def sum_noise(parts) -> dict:
     out = {k: sum((np.asarray(d[k], dtype=np.float64) for d in parts if k in d), np.float64(0)) for k in keys}
     out["offset_sum"], out["gamma_sum"] = float(out["offset_sum"]), float(out["gamma_sum"])
     return out
+
+
+def direction_priors(pdf_direction, pdf_order: int | None, order: int) -> list:
+    """Each half's direction prior for a search at HEALPix `order`: the distributions `pdf_direction`
+    (per half, None: uniform) while they were learned at that order (`pdf_order`), else uniform
+    (RELION resets them when the order changes)."""
+    return list(pdf_direction) if pdf_direction and pdf_order == order else [None, None]
 
 
 def direction_distribution(direction_mass) -> np.ndarray | None:

@@ -131,18 +131,11 @@ def test_memory_model_bounds_the_traced_peak(padded_sums, dtype, map_term):
     assert 0.7 * peak <= model <= 3 * peak
 
 
-def test_float32_sums_with_a_map_term_give_the_float64_map_on_packed_columns(rng):
+def test_float32_sums_with_a_map_term_give_the_float64_map_on_packed_columns(map_term_sums):
     """As the dense path (`test_gridding`): with a MAP term the packed engine runs the gridding loop
     of float32 sums in float64, and their map is the float64 one to float32 precision."""
-    n, r_max = 32, 14
-    grid = PaddedGrid(n, 2.0, r_max)
-    c = grid.size // 2
-    k = np.arange(-c, c + 1)
-    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(grid.half)[None, None, :] ** 2) / 2.0
-    inside = r <= r_max
-    weight = np.where(inside, 5.0 * (1 + r) * rng.uniform(0.5, 1.5, size=r.shape), 0.0)
-    data = np.where(inside, weight * (rng.normal(size=r.shape) + 1j * rng.normal(size=r.shape)) / (1 + r) ** 2, 0)
-    kw = dict(box_size=n, r_max=r_max, tau2=np.logspace(-1, -8, r_max + 1), minres_map=5, devices=[Device()] * 2)
+    grid, data, weight, tau2 = map_term_sums
+    kw = dict(box_size=grid.box_size, r_max=grid.r_max, tau2=tau2, minres_map=5, devices=[Device()] * 2)
     ref = reconstruct_map_columns(data, weight, **kw)
     single = reconstruct_map_columns(data.astype(np.complex64), weight.astype(np.float32), **kw)
     assert single.dtype == np.float32

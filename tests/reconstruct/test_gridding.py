@@ -40,26 +40,17 @@ def test_gridding_on_a_friendlier_fft_size_stays_close(padded_sums):
 
 
 @pytest.mark.parametrize("in_float64", [True, False])
-def test_float32_sums_with_a_map_term_give_the_float64_map(rng, monkeypatch, in_float64):
+def test_float32_sums_with_a_map_term_give_the_float64_map(map_term_sums, monkeypatch, in_float64):
     """A MAP term 1/tau2 far above the low shells' weights (tau2 falling to 1e-8 beyond the
     resolution, as in a refinement) is rounded into the low shells by float32 gridding FFTs: the
     loop runs in float64 and the map of float32 sums is the float64 one to float32 precision. The
     float32 loop (in_float64 False) shows what that avoids."""
-    from omlrelion.geometry.grids import PaddedGrid
     from omlrelion.reconstruct import gridding
 
     if not in_float64:
         monkeypatch.setattr(gridding, "map_term_in_float64", lambda *a: False)
-    n, r_max = 32, 14
-    grid = PaddedGrid(n, 2.0, r_max)
-    c = grid.size // 2
-    k = np.arange(-c, c + 1)
-    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(grid.half)[None, None, :] ** 2) / 2.0
-    inside = r <= r_max
-    weight = np.where(inside, 5.0 * (1 + r) * rng.uniform(0.5, 1.5, size=r.shape), 0.0)
-    data = np.where(inside, weight * (rng.normal(size=r.shape) + 1j * rng.normal(size=r.shape)) / (1 + r) ** 2, 0)
-    tau2 = np.logspace(-1, -8, r_max + 1)
-    kw = dict(box_size=n, r_max=r_max, tau2=tau2, minres_map=5)
+    grid, data, weight, tau2 = map_term_sums
+    kw = dict(box_size=grid.box_size, r_max=grid.r_max, tau2=tau2, minres_map=5)
     ref = reconstruct_map(data, weight, **kw)
     single = reconstruct_map(data.astype(np.complex64), weight.astype(np.float32), **kw)
     err = np.linalg.norm(single - ref) / np.linalg.norm(ref)
